@@ -1,0 +1,289 @@
+"""The training loop: ``fit(config, data, on_epoch=...)``.
+
+A plain loop in the spirit of pytorch/examples. Its speed comes from slicing
+batches out of tensors already on the device, channels_last weights and bf16
+autocast, not from a framework.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .data import DualData, Split
+from .metrics import evaluate
+from .models import ARCHS, DualNet, build_model
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("onecycle", "cosine", "constant")
+PRECISIONS = ("bf16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; defaults are the project's baseline."""
+
+    arch: str = "late"
+    epochs: int = 10
+    width: int = 16
+    hidden: int = 256
+    depth: int = 2
+    dropout: float = 0.0
+    optimizer: str = "adamw"
+    lr: float = 3e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "onecycle"
+    batch_size: int = 128
+    seed: int = 0
+    threads: int = 0  # 0 leaves torch's default
+    precision: str = "bf16"
+    channels_last: bool = True
+    device: str = "auto"  # auto = CUDA when present, else CPU
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Build a validated config from plain data (YAML, a Tune config, CLI flags).
+
+        Raises:
+            ValueError: an unknown key, a wrong type or an out-of-range value; the
+                message names the key.
+        """
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown training setting {unknown[0]!r}; known: {', '.join(known)}")
+        converted = {}
+        for key, value in values.items():
+            kind = type(getattr(cls, key))
+            if kind is bool:
+                ok = isinstance(value, bool)
+            elif kind is int:
+                ok = isinstance(value, int) and not isinstance(value, bool) or \
+                    isinstance(value, float) and value.is_integer()
+            elif kind is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, str)
+            if not ok:
+                raise ValueError(f"{key}: expected {kind.__name__}, got {value!r}")
+            converted[key] = kind(value)
+        config = cls(**converted)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting that is out of range."""
+        choices = {"arch": tuple(ARCHS), "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
+                   "precision": PRECISIONS}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        positive = ("epochs", "width", "hidden", "depth", "batch_size", "lr")
+        for key in positive:
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key}: must be > 0, got {getattr(self, key)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if self.weight_decay < 0 or self.threads < 0 or not 0 <= self.momentum < 1:
+            raise ValueError("weight_decay and threads must be >= 0 and momentum in [0, 1)")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"device: {self.device!r} is not auto, cpu or cuda[:N]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class EpochReport:
+    """What ``fit`` hands ``on_epoch`` after each epoch."""
+
+    epoch: int
+    metrics: dict[str, Any]
+    state: Callable[[], dict[str, Any]]  # builds a resumable checkpoint on demand
+
+
+@dataclass
+class FitResult:
+    """The outcome of ``fit``: status ``completed`` or ``diverged``, the per-epoch metrics, the model."""
+
+    status: str
+    history: list[dict[str, Any]]
+    model: DualNet
+    config: TrainConfig = field(repr=False, default_factory=TrainConfig)
+
+
+def load_config_file(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read training settings from YAML: one mapping of ``TrainConfig`` fields, or
+    ``configs:`` with a list of them (one per design). A ``meta:`` mapping is kept
+    for people and ignored here.
+
+    Returns:
+        The raw settings, one dict per config, each validated by ``TrainConfig.from_dict``.
+
+    Raises:
+        ValueError: unreadable YAML, a wrong shape, or a bad setting (named).
+        OSError: the file cannot be read.
+    """
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping of training settings, got {type(loaded).__name__}")
+    loaded = {k: v for k, v in loaded.items() if k != "meta"}
+    entries = loaded.pop("configs") if "configs" in loaded else [loaded]
+    if loaded or not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: 'configs' must be a non-empty list and stand alone beside 'meta'")
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: each config must be a mapping, got {entry!r}")
+        try:
+            TrainConfig.from_dict(entry)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+    return entries
+
+
+def pick_device(name: str) -> torch.device:
+    """Resolve ``auto`` to CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _optimizer(config: TrainConfig, model: DualNet) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0,
+                           weight_decay=config.weight_decay)
+
+
+def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps)
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+
+
+def fit(config: TrainConfig | dict[str, Any], data: DualData,
+        on_epoch: Callable[[EpochReport], None] | None = None,
+        resume: dict[str, Any] | None = None) -> FitResult:
+    """Train one model on ``data.train`` and score it on ``data.val`` after every epoch.
+
+    Args:
+        config: a ``TrainConfig`` or plain dict of its fields.
+        data: the paired splits; the test split is never touched here.
+        on_epoch: called after each epoch with the metrics and a way to build a checkpoint.
+        resume: a checkpoint from ``EpochReport.state()``; training continues exactly
+            as the unbroken run would have.
+
+    Returns:
+        A ``FitResult``. A NaN or inf training loss ends training early with status
+        ``diverged``; that epoch reports 0 accuracy rather than NaN.
+
+    Raises:
+        ValueError: a bad config, or a checkpoint from a different config.
+    """
+    config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    config.validate()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = pick_device(config.device)
+    torch.manual_seed(config.seed)
+    model = build_model(config.arch, width=config.width, hidden=config.hidden, dropout=config.dropout,
+                        depth=config.depth).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
+    optimizer = _optimizer(config, model)
+    scheduler = _scheduler(config, optimizer, steps_per_epoch * config.epochs)
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if resume is not None:
+        if resume["config"] != config.to_dict():
+            raise ValueError("checkpoint was written by a different config; refusing to resume from it")
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["torch_rng"])
+        if device.type == "cuda" and resume.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(resume["cuda_rng"], device)
+        history, start_epoch = list(resume["history"]), resume["epoch"]
+
+    train = data.train.to(device)
+    val = data.val.to(device)
+    status = "completed"
+    for epoch in range(start_epoch, config.epochs):
+        started = time.perf_counter()
+        order = data.train_order(config.seed, epoch).to(device)
+        numbers = data.train_numbers(config.seed, epoch).to(device)
+        loss_sum = torch.zeros((), device=device)
+        model.train()
+        for start in range(0, len(train), config.batch_size):
+            idx = order[start:start + config.batch_size]
+            batch_numbers = numbers[idx]
+            batch_labels = train.labels[idx]
+            with _autocast(config, device):
+                class_logits, sum_logits = model(train.images[idx], batch_numbers)
+                loss = F.cross_entropy(class_logits, batch_labels) + \
+                    F.cross_entropy(sum_logits, batch_labels + batch_numbers)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.detach().float() * len(idx)
+        train_s = time.perf_counter() - started
+        train_loss = float(loss_sum) / len(train)
+        diverged = not math.isfinite(train_loss)
+        if diverged:
+            status = "diverged"
+            scores = {"loss": float("nan"), "class_acc": 0.0, "sum_acc": 0.0, "joint_acc": 0.0,
+                      "class_correct": 0, "sum_correct": 0, "joint_correct": 0, "n": len(val)}
+        else:
+            with _autocast(config, device):
+                scores = evaluate(model, val)
+        metrics = {"epoch": epoch + 1, "train_loss": train_loss,
+                   **{f"val_{k}": v for k, v in scores.items()},
+                   "epoch_s": time.perf_counter() - started, "images_per_s": len(train) / train_s,
+                   "status": status}
+        history.append(metrics)
+
+        def state(epoch_done: int = epoch + 1, history_now: list = list(history)) -> dict[str, Any]:
+            return {"epoch": epoch_done, "config": config.to_dict(), "history": history_now,
+                    "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+        if on_epoch is not None:
+            on_epoch(EpochReport(epoch + 1, metrics, state))
+        if diverged:
+            break
+    return FitResult(status, history, model.to(memory_format=torch.contiguous_format).eval(), config)
+
+
+def evaluate_split(model: DualNet, split: Split, config: TrainConfig | None = None) -> dict[str, float]:
+    """Score a trained model on one split (for example the test split, at confirmation time).
+
+    Returns:
+        ``loss``, ``class_acc``, ``sum_acc``, ``joint_acc`` and the correct counts.
+    """
+    config = config or TrainConfig()
+    device = next(model.parameters()).device
+    with _autocast(config, device):
+        return evaluate(model, split.to(device))

@@ -1,0 +1,107 @@
+import pytest
+import torch
+
+from dualnet import ARCHS, build_model, load_model, register, save_model
+from dualnet.models import DualNet, LateFusion
+
+
+def _batch(n=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 28, 28), generator=gen, dtype=torch.uint8), torch.randint(0, 10, (n,), generator=gen)
+
+
+@pytest.mark.parametrize("arch", ["late", "pixel"])
+def test_output_shapes(arch):
+    model = build_model(arch, width=4, hidden=16)
+    images, numbers = _batch()
+    class_logits, sum_logits = model(images, numbers)
+    assert class_logits.shape == (6, 10) and sum_logits.shape == (6, 19)
+    class_pred, sum_pred = model.predict(images, numbers)
+    assert class_pred.shape == (6,) and sum_pred.shape == (6,) and sum_pred.max() <= 18
+
+
+def test_pixel_writes_exactly_the_last_ten_pixels():
+    model = build_model("pixel", width=4, hidden=16)
+    images, numbers = _batch(8)
+    plain = DualNet.normalize(images)
+    written = model.prepare(images, numbers)
+    changed = (written != plain)[:, 0]
+    outside = changed.clone()
+    outside[:, 27, 18:] = False
+    assert not outside.any(), "pixel design touched pixels outside row 27, columns 18-27"
+    expected = torch.nn.functional.one_hot(numbers, 10).float()
+    assert torch.equal(written[:, 0, 27, 18:], expected)
+
+
+def test_late_keeps_the_image_untouched_and_appends_the_one_hot():
+    model = build_model("late", width=4, hidden=16)
+    images, numbers = _batch(3)
+    assert torch.equal(model.prepare(images, numbers), DualNet.normalize(images))
+    features = model.features(images, numbers)
+    assert torch.equal(features[:, -10:], torch.nn.functional.one_hot(numbers, 10).float())
+
+
+def test_no_global_pooling_in_trunk():
+    model = build_model("pixel", width=4, hidden=16)
+    assert not any(isinstance(m, (torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveMaxPool2d)) for m in model.modules())
+    # Moving the one-hot (a different number) must change the trunk's features.
+    images, _ = _batch(1)
+    a = model.features(images, torch.tensor([0]))
+    b = model.features(images, torch.tensor([9]))
+    assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("arch", ["late", "pixel"])
+def test_load_model_round_trips(tmp_path, arch):
+    model = build_model(arch, width=4, hidden=16, dropout=0.3, depth=1).eval()
+    images, numbers = _batch(20)
+    save_model(model, tmp_path / "m.pt")
+    loaded = load_model(tmp_path / "m.pt")
+    assert loaded.arch == arch and loaded.hparams == model.hparams and not loaded.training
+    for got, want in zip(loaded.predict(images, numbers), model.predict(images, numbers)):
+        assert torch.equal(got, want)
+    # Numpy input and a single image work too.
+    c, s = loaded.predict(images[0].numpy(), int(numbers[0]))
+    assert c.shape == (1,) and s.shape == (1,)
+
+
+def test_predict_rejects_bad_input():
+    model = build_model("late", width=4, hidden=16)
+    images, numbers = _batch(3)
+    with pytest.raises(ValueError, match="uint8"):
+        model.predict(images.float(), numbers)
+    with pytest.raises(ValueError, match="0..9"):
+        model.predict(images, numbers + 10)
+    with pytest.raises(ValueError, match="shape"):
+        model.predict(images, numbers[:2])
+
+
+def test_load_model_rejects_other_files(tmp_path):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a dualnet model"):
+        load_model(tmp_path / "other.pt")
+
+
+def test_registry_builds_by_name_and_takes_a_new_design():
+    assert set(ARCHS) >= {"late", "pixel"}
+    model = build_model("late", width=32, hidden=128, dropout=0.2)
+    assert isinstance(model, LateFusion) and model.hparams["width"] == 32
+    with pytest.raises(ValueError, match="unknown arch 'nope'"):
+        build_model("nope")
+
+    @register("inverted")
+    class Inverted(LateFusion):
+        def prepare(self, images, numbers):
+            return -DualNet.normalize(images)
+
+    try:
+        class_logits, _ = build_model("inverted", width=4, hidden=8)(*_batch(2))
+        assert class_logits.shape == (2, 10)
+    finally:
+        del ARCHS["inverted"]
+
+
+@pytest.mark.parametrize("bad", [{"width": 0}, {"hidden": 2.5}, {"dropout": 1.0}])
+def test_bad_sizes_name_the_setting(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        build_model("late", **bad)

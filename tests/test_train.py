@@ -1,0 +1,90 @@
+import io
+
+import pytest
+import torch
+
+from dualnet import TrainConfig, evaluate_split, fit
+
+FAST = dict(width=8, hidden=256, epochs=6, lr=5e-3, batch_size=32, threads=2)
+
+
+def _strip_timing(history):
+    return [{k: v for k, v in m.items() if k not in ("epoch_s", "images_per_s")} for m in history]
+
+
+@pytest.mark.parametrize("arch", ["late", "pixel"])
+def test_both_designs_learn_the_synthetic_task(synthetic_data, arch):
+    result = fit({**FAST, "arch": arch}, synthetic_data)
+    assert result.status == "completed" and len(result.history) == FAST["epochs"]
+    final = result.history[-1]
+    assert final["val_joint_acc"] >= 0.95, final
+    assert result.history[0]["train_loss"] > final["train_loss"]
+    test = evaluate_split(result.model, synthetic_data.test, result.config)
+    assert test["joint_acc"] >= 0.95
+
+
+def test_epoch_metrics_are_reported(synthetic_data):
+    seen = []
+    fit({**FAST, "epochs": 2}, synthetic_data, on_epoch=seen.append)
+    assert [r.epoch for r in seen] == [1, 2]
+    for key in ("train_loss", "val_loss", "val_class_acc", "val_sum_acc", "val_joint_acc", "epoch_s", "images_per_s"):
+        assert key in seen[0].metrics
+    m = seen[-1].metrics
+    assert m["val_joint_acc"] <= min(m["val_class_acc"], m["val_sum_acc"])
+    assert m["val_joint_correct"] == round(m["val_joint_acc"] * m["val_n"])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_same_config_and_seed_give_identical_metrics(synthetic_data, precision):
+    config = {**FAST, "epochs": 2, "arch": "pixel", "dropout": 0.2, "precision": precision}
+    first = fit(config, synthetic_data)
+    second = fit(config, synthetic_data)
+    assert _strip_timing(first.history) == _strip_timing(second.history)
+    other = fit({**config, "seed": 1}, synthetic_data)
+    assert _strip_timing(other.history) != _strip_timing(first.history)
+
+
+@pytest.mark.parametrize("optimizer,schedule", [("adamw", "onecycle"), ("sgd", "cosine"), ("adamw", "constant")])
+def test_resume_from_checkpoint_equals_unbroken_run(synthetic_data, optimizer, schedule):
+    config = {**FAST, "epochs": 3, "dropout": 0.3, "optimizer": optimizer, "schedule": schedule,
+              "lr": 0.05 if optimizer == "sgd" else 5e-3}
+    unbroken = fit(config, synthetic_data)
+    saved = {}
+
+    def keep_epoch_one(report):
+        if report.epoch == 1:
+            buffer = io.BytesIO()
+            torch.save(report.state(), buffer)  # through bytes, as a real checkpoint would go
+            saved["state"] = buffer.getvalue()
+
+    fit({**config, "epochs": 3}, synthetic_data, on_epoch=keep_epoch_one)
+    state = torch.load(io.BytesIO(saved["state"]), weights_only=True)
+    resumed = fit(config, synthetic_data, resume=state)
+    assert _strip_timing(resumed.history) == _strip_timing(unbroken.history)
+    for (name, a), (_, b) in zip(resumed.model.state_dict().items(), unbroken.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_refuses_a_checkpoint_from_another_config(synthetic_data):
+    states = []
+    fit({**FAST, "epochs": 1}, synthetic_data, on_epoch=lambda r: states.append(r.state()))
+    with pytest.raises(ValueError, match="different config"):
+        fit({**FAST, "epochs": 1, "lr": 1e-3}, synthetic_data, resume=states[0])
+
+
+def test_divergence_stops_with_status_and_zero_metric(synthetic_data):
+    seen = []
+    result = fit({**FAST, "optimizer": "sgd", "lr": 1e6, "schedule": "constant"}, synthetic_data,
+                 on_epoch=seen.append)
+    assert result.status == "diverged"
+    assert len(result.history) == 1 < FAST["epochs"]
+    assert seen[-1].metrics["val_joint_acc"] == 0.0 and seen[-1].metrics["status"] == "diverged"
+
+
+@pytest.mark.parametrize("bad,key", [({"lr": -1}, "lr"), ({"optimizer": "adam"}, "optimizer"),
+                                     ({"epochs": "ten"}, "epochs"), ({"learning_rate": 0.1}, "learning_rate"),
+                                     ({"arch": "early"}, "arch"), ({"dropout": 1.5}, "dropout"),
+                                     ({"channels_last": "yes"}, "channels_last")])
+def test_config_errors_name_the_key(bad, key):
+    with pytest.raises(ValueError, match=key):
+        TrainConfig.from_dict(bad)

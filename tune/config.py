@@ -1,0 +1,301 @@
+"""Experiment files: YAML in, a validated ``Experiment`` out, or one ``ConfigError`` naming the key.
+
+An experiment file looks like ``experiments/quick.yaml``. Everything is checked
+before Ray starts, so a typo never costs a launched sweep.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dualnet.models import ARCHS
+from dualnet.train import TrainConfig
+
+METRICS = ("val_joint_acc", "val_class_acc", "val_sum_acc", "val_loss")
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
+# The harness sets these per trial; a sweep may not search them.
+HARNESS_KEYS = ("epochs", "threads", "device")
+SEARCHABLE = tuple(f.name for f in fields(TrainConfig) if f.name not in HARNESS_KEYS)
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+class ConfigError(ValueError):
+    """An experiment file is wrong; ``str()`` is one line naming the file, the key and the fix."""
+
+
+@dataclass
+class Param:
+    """One hyperparameter: a fixed ``value``, or a ``distribution`` over ``args``."""
+
+    distribution: str | None
+    args: list[Any]
+
+    @property
+    def fixed(self) -> bool:
+        return self.distribution is None
+
+    def to_yaml(self) -> Any:
+        return self.args[0] if self.fixed else {self.distribution: list(self.args)}
+
+
+@dataclass
+class Searcher:
+    type: str = "tpe"  # tpe | random
+    n_startup_trials: int = 8
+
+
+@dataclass
+class Scheduler:
+    type: str = "asha"  # asha | none
+    grace_period: int = 1
+    reduction_factor: int = 3
+
+
+@dataclass
+class Resources:
+    cpu: float = 1
+    gpu: float = 0
+
+
+@dataclass
+class Data:
+    dir: str | None = None
+    download: bool = True
+    val_size: int = 10_000
+    train_subset: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class Experiment:
+    name: str
+    space: dict[str, Param]
+    metric: str = "val_joint_acc"
+    mode: str = "max"
+    num_samples: int = 8
+    max_concurrent: int = 2
+    epochs: int = 10
+    time_budget_s: float | None = None
+    seed: int = 0
+    max_failures: int = 2
+    searcher: Searcher = field(default_factory=Searcher)
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    resources: Resources = field(default_factory=Resources)
+    data: Data = field(default_factory=Data)
+    storage: str = "runs"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data that ``from_dict`` accepts back (written into each run folder)."""
+        out = asdict(self)
+        out["space"] = {key: param.to_yaml() for key, param in self.space.items()}
+        return out
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _check_type(where: str, value: Any, kind: type, optional: bool = False) -> Any:
+    if value is None and optional:
+        return None
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{where}: expected {_TYPE_NAMES[kind]}{' or null' if optional else ''}, got {value!r}")
+
+
+def _section(where: str, raw: Any, cls: type) -> Any:
+    """Validate a mapping against a dataclass's fields and types."""
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
+    known = {f.name: f for f in fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown key; allowed: {', '.join(known)}")
+    values = {}
+    for key, value in raw.items():
+        hint = str(known[key].type)
+        kind = {"int": int, "float": float, "str": str, "bool": bool}[hint.split(" |")[0]]
+        values[key] = _check_type(f"{where}.{key}", value, kind, optional="None" in hint)
+    return cls(**values)
+
+
+def _param(key: str, raw: Any) -> Param:
+    where = f"space.{key}"
+    if key not in SEARCHABLE:
+        hint = " (the harness sets it; use the top-level key)" if key in HARNESS_KEYS else ""
+        raise ConfigError(f"{where}: unknown hyperparameter{hint}; searchable: {', '.join(SEARCHABLE)}")
+    kind = type(getattr(TrainConfig, key))
+    if not isinstance(raw, dict):
+        _check_type(where, raw, kind)
+        _check_value(where, key, raw)
+        return Param(None, [raw])
+    if len(raw) != 1:
+        raise ConfigError(f"{where}: give exactly one distribution ({', '.join(DISTRIBUTIONS)}), got {list(raw)}")
+    (distribution, args), = raw.items()
+    if distribution not in DISTRIBUTIONS:
+        raise ConfigError(f"{where}: unknown distribution {distribution!r}; use one of {', '.join(DISTRIBUTIONS)}")
+    if not isinstance(args, list) or not args:
+        raise ConfigError(f"{where}.{distribution}: expected a non-empty list, got {args!r}")
+    if distribution == "choice":
+        for value in args:
+            _check_type(where, value, kind)
+            _check_value(where, key, value)
+        if len(set(map(repr, args))) != len(args):
+            raise ConfigError(f"{where}.choice: duplicate values in {args}")
+        return Param("choice", list(args))
+    if kind not in (int, float):
+        raise ConfigError(f"{where}: {distribution} needs a numeric hyperparameter; use choice for {key}")
+    if len(args) != 2:
+        raise ConfigError(f"{where}.{distribution}: expected [low, high], got {args!r}")
+    low, high = (_check_type(where, v, int if distribution == "int" else float) for v in args)
+    if distribution == "int" and kind is not int:
+        raise ConfigError(f"{where}: int distribution on a real-valued hyperparameter; use uniform")
+    if distribution != "int" and kind is int:
+        raise ConfigError(f"{where}: {distribution} on an integer hyperparameter; use int or choice")
+    if not low < high:
+        raise ConfigError(f"{where}.{distribution}: range [{low}, {high}] is empty or inverted; put the lower "
+                          f"bound first")
+    if distribution == "loguniform" and low <= 0:
+        raise ConfigError(f"{where}.loguniform: bounds must be > 0, got {low}")
+    for value in (low, high):
+        _check_value(where, key, value)
+    return Param(distribution, [low, high])
+
+
+def _check_value(where: str, key: str, value: Any) -> None:
+    try:
+        TrainConfig.from_dict({key: value})
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def from_dict(raw: Any) -> Experiment:
+    """Validate plain data into an ``Experiment``.
+
+    Raises:
+        ConfigError: the first problem found, naming the key.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"top level: expected a mapping of experiment settings, got {type(raw).__name__}")
+    known = {f.name: f for f in fields(Experiment)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{key}: unknown key; allowed: {', '.join(known)}")
+    for key in ("name", "space"):
+        if key not in raw:
+            raise ConfigError(f"{key}: required key is missing")
+    name = check_name(_check_type("name", raw["name"], str))
+    space_raw = raw["space"]
+    if not isinstance(space_raw, dict) or not space_raw:
+        raise ConfigError("space: expected a non-empty mapping of hyperparameters")
+    space = {key: _param(key, value) for key, value in space_raw.items()}
+    values: dict[str, Any] = {"name": name, "space": space}
+    scalars = {"metric": str, "mode": str, "num_samples": int, "max_concurrent": int, "epochs": int,
+               "time_budget_s": float, "seed": int, "max_failures": int, "storage": str}
+    for key, kind in scalars.items():
+        if key in raw:
+            values[key] = _check_type(key, raw[key], kind, optional=key == "time_budget_s")
+    sections = {"searcher": Searcher, "scheduler": Scheduler, "resources": Resources, "data": Data}
+    for key, cls in sections.items():
+        if key in raw:
+            values[key] = _section(key, raw[key], cls)
+    experiment = Experiment(**values)
+    _check_ranges(experiment)
+    return experiment
+
+
+def _check_ranges(e: Experiment) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(e.metric in METRICS, f"metric: {e.metric!r} is not reported; use one of {', '.join(METRICS)}")
+    need(e.mode in ("max", "min"), f"mode: {e.mode!r} must be max or min")
+    expected_mode = "min" if e.metric == "val_loss" else "max"
+    need(e.mode == expected_mode, f"mode: {e.metric} should be {expected_mode}imised; set mode: {expected_mode}")
+    need(e.num_samples >= 1, f"num_samples: must be >= 1, got {e.num_samples}")
+    need(e.max_concurrent >= 1, f"max_concurrent: must be >= 1, got {e.max_concurrent}")
+    need(e.epochs >= 1, f"epochs: must be >= 1, got {e.epochs}")
+    need(e.max_failures >= 0, f"max_failures: must be >= 0, got {e.max_failures}")
+    need(e.time_budget_s is None or (e.time_budget_s > 0 and math.isfinite(e.time_budget_s)),
+         f"time_budget_s: must be > 0 or null, got {e.time_budget_s}")
+    need(e.searcher.type in ("tpe", "random"), f"searcher.type: {e.searcher.type!r} must be tpe or random")
+    need(e.searcher.n_startup_trials >= 1, "searcher.n_startup_trials: must be >= 1")
+    need(e.scheduler.type in ("asha", "none"), f"scheduler.type: {e.scheduler.type!r} must be asha or none")
+    need(e.scheduler.grace_period >= 1, f"scheduler.grace_period: must be >= 1, got {e.scheduler.grace_period}")
+    need(e.scheduler.type != "asha" or e.scheduler.grace_period <= e.epochs,
+         f"scheduler.grace_period: {e.scheduler.grace_period} exceeds epochs ({e.epochs})")
+    need(e.scheduler.reduction_factor >= 2,
+         f"scheduler.reduction_factor: must be >= 2, got {e.scheduler.reduction_factor}")
+    need(e.resources.cpu > 0, f"resources.cpu: must be > 0, got {e.resources.cpu}")
+    need(e.resources.gpu >= 0, f"resources.gpu: must be >= 0, got {e.resources.gpu}")
+    need(e.resources.gpu <= 1 or float(e.resources.gpu).is_integer(),
+         f"resources.gpu: a fraction must be below 1, got {e.resources.gpu}")
+    need(e.data.val_size >= 1, f"data.val_size: must be >= 1, got {e.data.val_size}")
+    need(e.data.train_subset is None or e.data.train_subset >= 1,
+         f"data.train_subset: must be >= 1 or null, got {e.data.train_subset}")
+    need(bool(e.storage.strip()), "storage: must name a folder or a URI")
+    if "arch" not in e.space:
+        raise ConfigError(f"space.arch: required; give a design ({', '.join(ARCHS)}) or choice over them")
+
+
+def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> Experiment:
+    """Read and validate an experiment file; ``overrides`` (from flags) replace file values.
+
+    Raises:
+        ConfigError: unreadable file, bad YAML, or an invalid setting; one line, prefixed by the path.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read experiment file ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{at}") from None
+    try:
+        if isinstance(raw, dict) and overrides:
+            raw = merge_overrides(raw, overrides)
+        return from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def merge_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Apply dotted overrides (``resources.cpu``) on top of raw experiment data."""
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        head, _, tail = dotted.partition(".")
+        if tail:
+            section = merged.get(head)
+            merged[head] = {**(section if isinstance(section, dict) else {}), tail: value}
+        else:
+            merged[head] = value
+    return merged
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a safe run name (it can never escape the storage folder).
+
+    Raises:
+        ConfigError: names with path separators, ``..`` or odd characters.
+    """
+    if not NAME_PATTERN.match(name):
+        raise ConfigError(f"name: {name!r} must start with a letter or digit and hold only letters, digits, "
+                          f"'_', '.' or '-' (no '/'), at most 100 characters")
+    return name
+

@@ -1,0 +1,89 @@
+"""Searcher and scheduler construction, and the fix for ASHA-stopped trials in Optuna."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from .config import Experiment
+
+STUDY_FILE = "optuna.journal"
+
+
+class BudgetAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna the truth about trials the scheduler stopped early.
+
+    Ray reports an ASHA-stopped trial as complete with its low-budget score, which
+    would teach TPE (and fANOVA) that a 1-epoch score is a final one. Here a trial
+    that ends before ``full_epochs`` without diverging becomes PRUNED in the study,
+    keeping its per-epoch intermediate values. A diverged trial stays COMPLETE with
+    its reported 0, so the searcher learns to avoid that region.
+    """
+
+    def __init__(self, *args: Any, full_epochs: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._full_epochs = full_epochs
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        stopped_early = (result is not None and not error and result.get("status") != "diverged"
+                         and result.get("epoch", self._full_epochs) < self._full_epochs)
+        if stopped_early and trial_id not in self._completed_trials:
+            ot_trial = self._ot_trials[trial_id]
+            # Ray skips on_trial_result for the result that triggered the stop; keep it as
+            # the pruned trial's last intermediate value.
+            if result.get(self.metric) is not None:
+                ot_trial.report(result[self.metric], result["epoch"])
+            self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+            self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result, error)
+
+
+def optuna_space(experiment: Experiment) -> dict[str, optuna.distributions.BaseDistribution]:
+    """Return the sampled hyperparameters as Optuna distributions (fixed ones are left out)."""
+    space = {}
+    for key, param in experiment.space.items():
+        if param.distribution == "choice":
+            space[key] = CategoricalDistribution(param.args)
+        elif param.distribution == "uniform":
+            space[key] = FloatDistribution(*param.args)
+        elif param.distribution == "loguniform":
+            space[key] = FloatDistribution(*param.args, log=True)
+        elif param.distribution == "int":
+            space[key] = IntDistribution(*param.args)
+    return space
+
+
+def study_storage(run_dir: Path) -> optuna.storages.BaseStorage:
+    """The study's journal file in the run folder; ``optuna.load_study`` and optuna-dashboard open it."""
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run_dir / STUDY_FILE)))
+
+
+def make_searcher(experiment: Experiment, run_dir: Path) -> ConcurrencyLimiter:
+    """A seeded TPE (or random) Optuna searcher, persisted in the run folder, behind a concurrency limit."""
+    if experiment.searcher.type == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=experiment.seed,
+                                             n_startup_trials=experiment.searcher.n_startup_trials)
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=experiment.seed)
+    searcher = BudgetAwareOptunaSearch(space=optuna_space(experiment), sampler=sampler,
+                                       metric=experiment.metric, mode=experiment.mode,
+                                       study_name=experiment.name, storage=study_storage(run_dir),
+                                       full_epochs=experiment.epochs)
+    return ConcurrencyLimiter(searcher, max_concurrent=experiment.max_concurrent)
+
+
+def make_scheduler(experiment: Experiment) -> TrialScheduler:
+    """ASHA on the experiment's metric (set through TuneConfig), or plain FIFO."""
+    if experiment.scheduler.type == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=experiment.epochs,
+                             grace_period=experiment.scheduler.grace_period,
+                             reduction_factor=experiment.scheduler.reduction_factor)
+    return FIFOScheduler()

@@ -1,0 +1,277 @@
+"""Run a sweep: check everything, start (or join) Ray, run the Tuner, write the results.
+
+Run folder (``<storage>/<name>``): Ray Tune's own experiment state and trial
+folders, plus ``experiment.yaml`` (the validated experiment), ``optuna.journal``
+(the Optuna study), and at the end ``trials.csv``, ``trials.parquet`` and
+``best_config.yaml``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from dualnet import DataError, load_data
+
+from .config import ConfigError, Experiment, from_dict
+from .search import STUDY_FILE, make_scheduler, make_searcher
+
+EXPERIMENT_FILE = "experiment.yaml"
+RESULT_FILES = ("trials.csv", "trials.parquet", "best_config.yaml")
+
+
+class SweepError(Exception):
+    """A problem the user can fix (bad storage, wrong resume folder, too few resources); one line."""
+
+
+@dataclass
+class SweepOutcome:
+    run_dir: str
+    trials: pd.DataFrame
+    best_config: dict[str, Any] | None
+    wall_s: float
+
+
+def is_uri(storage: str) -> bool:
+    return "://" in storage and not storage.startswith("file://")
+
+
+def run_location(experiment: Experiment) -> tuple[str, Path]:
+    """Return (Ray storage_path, local folder for the study and result files).
+
+    A local storage path holds everything. For a URI, Ray writes trials there and
+    the study and result files stay in ``./runs/<name>`` on the driver.
+    """
+    if is_uri(experiment.storage):
+        return experiment.storage, Path("runs").resolve() / experiment.name
+    storage = Path(experiment.storage.removeprefix("file://")).expanduser().resolve()
+    return str(storage), storage / experiment.name
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _prepare_run_dir(experiment: Experiment, run_dir: Path, resume: bool) -> None:
+    """Check the run folder against ``resume`` and make sure it is writable.
+
+    Raises:
+        SweepError: an existing sweep without ``--resume``, nothing to resume, a
+            different experiment's folder, or an unwritable path.
+    """
+    saved = run_dir / EXPERIMENT_FILE
+    if resume:
+        if not saved.is_file():
+            raise SweepError(f"--resume: {run_dir} holds no sweep ({EXPERIMENT_FILE} missing); "
+                             f"run without --resume to start one")
+        try:
+            previous = from_dict(yaml.safe_load(saved.read_text()))
+        except (ConfigError, yaml.YAMLError) as exc:
+            raise SweepError(f"--resume: {saved} is unreadable ({exc})") from None
+        if _identity(previous) != _identity(experiment):
+            changed = [k for k in _identity(experiment) if _identity(previous)[k] != _identity(experiment)[k]]
+            raise SweepError(f"--resume: {run_dir} belongs to a different experiment (differs in "
+                             f"{', '.join(changed)}); give the same experiment file and flags, or another --name")
+        return
+    if saved.exists():
+        raise SweepError(f"{run_dir} already holds a sweep; pass --resume to continue it, or choose another "
+                         f"--name or --storage")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{uuid.uuid4().hex[:8]}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise SweepError(f"storage {run_dir.parent} is not writable ({exc.strerror}); pass --storage DIR "
+                         f"with a folder you can write") from None
+
+
+def _identity(experiment: Experiment) -> dict[str, Any]:
+    """The parts of an experiment that a resumed sweep must share with the original."""
+    d = experiment.to_dict()
+    return {k: d[k] for k in ("name", "space", "metric", "mode", "num_samples", "epochs", "searcher",
+                              "scheduler", "data", "seed")}
+
+
+def _constants(experiment: Experiment) -> dict[str, Any]:
+    """Per-trial settings that are not searched: fixed hyperparameters and the harness's own."""
+    fixed = {k: p.args[0] for k, p in experiment.space.items() if p.fixed}
+    threads = max(1, int(experiment.resources.cpu))
+    device = "cuda" if experiment.resources.gpu > 0 else "cpu"
+    return {**fixed, "epochs": experiment.epochs, "threads": threads, "device": device}
+
+
+def _check_resources(experiment: Experiment) -> None:
+    import ray
+
+    available = ray.cluster_resources()
+    for key, ray_key in (("cpu", "CPU"), ("gpu", "GPU")):
+        wanted = getattr(experiment.resources, key)
+        have = available.get(ray_key, 0)
+        if wanted > 0 and wanted > have:
+            raise SweepError(f"resources.{key}: each trial asks for {wanted} {ray_key}s but the Ray cluster has "
+                             f"{have:g}; lower --{key}s-per-trial or add nodes")
+
+
+def _trial_status(row: pd.Series, epochs: int) -> str:
+    if row.get("status") == "diverged":
+        return "diverged"
+    if isinstance(row.get("error"), str) and row["error"]:
+        return "errored"
+    if row.get("epoch", 0) >= epochs:
+        return "completed"
+    return "stopped_early"
+
+
+def summarize(results, experiment: Experiment) -> pd.DataFrame:
+    """One row per trial: Ray's last result with ``config/*`` columns, plus ``trial_status``."""
+    frame = results.get_dataframe()
+    errors = {r.metrics.get("trial_id") if r.metrics else None: repr(r.error) for r in results if r.error}
+    if frame.empty:
+        return frame
+    frame["error"] = frame["trial_id"].map(errors).fillna("")
+    frame["trial_status"] = frame.apply(_trial_status, axis=1, epochs=experiment.epochs)
+    return frame
+
+
+def pick_best(trials: pd.DataFrame, experiment: Experiment) -> pd.Series | None:
+    """The best trial by its final metric, preferring trials that ran the full budget."""
+    scored = trials[trials[experiment.metric].notna()] if experiment.metric in trials else trials.iloc[:0]
+    full = scored[scored["trial_status"] == "completed"]
+    pool = full if not full.empty else scored
+    if pool.empty:
+        return None
+    ascending = experiment.mode == "min"
+    return pool.sort_values(experiment.metric, ascending=ascending).iloc[0]
+
+
+def best_config(row: pd.Series, experiment: Experiment) -> dict[str, Any]:
+    """A training config file body that ``python -m dualnet train --config`` accepts."""
+    config = {k.removeprefix("config/"): v for k, v in row.items() if k.startswith("config/")}
+    config = {k: (v.item() if hasattr(v, "item") else v) for k, v in config.items()
+              if k not in ("threads", "device")}
+    return {**config, "meta": {"experiment": experiment.name, "trial_id": row["trial_id"],
+                               experiment.metric: float(row[experiment.metric]), "epochs_run": int(row["epoch"]),
+                               "note": "validation metric from the sweep; confirm on the test set"}}
+
+
+def leaderboard(trials: pd.DataFrame, experiment: Experiment, top: int = 5) -> str:
+    """A plain-text table of the ``top`` trials by final metric."""
+    if trials.empty or experiment.metric not in trials:
+        return "no trial reported a result"
+    columns = ["trial_id", "config/arch", "config/lr", "config/width", "config/hidden", "epoch",
+               "val_class_acc", "val_sum_acc", "val_joint_acc", "trial_status"]
+    columns = [c for c in columns if c in trials]
+    ranked = trials.sort_values(experiment.metric, ascending=experiment.mode == "min").head(top)[columns]
+    ranked = ranked.rename(columns=lambda c: c.removeprefix("config/"))
+    return ranked.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+def write_results(run_dir: Path, trials: pd.DataFrame, best: dict[str, Any] | None) -> None:
+    """Write trials.csv / trials.parquet / best_config.yaml, each atomically."""
+    for name, writer in (("trials.csv", lambda p: trials.to_csv(p, index=False)),
+                         ("trials.parquet", lambda p: trials.to_parquet(p, index=False))):
+        tmp = run_dir / f".{name}.{uuid.uuid4().hex[:8]}"
+        writer(tmp)
+        os.replace(tmp, run_dir / name)
+    if best is not None:
+        _write_atomic(run_dir / "best_config.yaml",
+                      "# Best trial of the sweep; train it with: python -m dualnet train --config THIS_FILE\n"
+                      + yaml.safe_dump(best, sort_keys=False))
+
+
+def run_sweep(experiment: Experiment, address: str | None = None, resume: bool = False,
+              verbose: bool = True) -> SweepOutcome:
+    """Run (or resume) a sweep end to end and write its result files.
+
+    Returns:
+        A ``SweepOutcome`` with the run folder, the trials DataFrame and the best config.
+
+    Raises:
+        SweepError: bad storage, a wrong resume folder, or too few cluster resources.
+        DataError: the dataset is missing or damaged.
+    """
+    storage_path, run_dir = run_location(experiment)
+    if is_uri(experiment.storage):
+        run_dir.mkdir(parents=True, exist_ok=True)
+    _prepare_run_dir(experiment, run_dir, resume)
+    data = load_data(experiment.data.dir, download=experiment.data.download, val_size=experiment.data.val_size,
+                     seed=experiment.data.seed, train_subset=experiment.data.train_subset)
+
+    # Ray reads these at import and Tuner creation; keep bookkeeping proportional to the concurrency.
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(experiment.max_concurrent))
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Each epoch's checkpoint forces a state snapshot (that is what makes --resume exact); the warning
+    # about snapshot frequency would print on every short trial.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    import ray
+    from ray import tune
+
+    from .progress import ProgressTable
+    from .trainable import train_trial
+
+    started = time.perf_counter()
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        if address:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+        else:
+            ray.init(include_dashboard=False, dashboard_host="127.0.0.1", logging_level="WARNING",
+                     configure_logging=True)
+    try:
+        _check_resources(experiment)
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        if len(alive) > 1 and not is_uri(experiment.storage):
+            print(f"note: {len(alive)} nodes share this sweep; storage {storage_path} must be a shared mount "
+                  f"visible to every node, or pass --storage s3://... / gs://...", file=sys.stderr)
+        if not resume:
+            _write_atomic(run_dir / EXPERIMENT_FILE, yaml.safe_dump(experiment.to_dict(), sort_keys=False))
+        trainable = tune.with_resources(tune.with_parameters(train_trial, data=data),
+                                        {"cpu": experiment.resources.cpu, "gpu": experiment.resources.gpu})
+        progress = ProgressTable(experiment, enabled=verbose)
+        if resume:
+            tuner = tune.Tuner.restore(str(Path(storage_path) / experiment.name) if not is_uri(storage_path)
+                                       else f"{storage_path.rstrip('/')}/{experiment.name}",
+                                       trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=_constants(experiment),
+                tune_config=tune.TuneConfig(
+                    metric=experiment.metric, mode=experiment.mode,
+                    search_alg=make_searcher(experiment, run_dir), scheduler=make_scheduler(experiment),
+                    num_samples=experiment.num_samples, time_budget_s=experiment.time_budget_s,
+                    reuse_actors=True, trial_dirname_creator=lambda trial: trial.trial_id),
+                run_config=tune.RunConfig(
+                    name=experiment.name, storage_path=storage_path, verbose=0, callbacks=[progress],
+                    failure_config=tune.FailureConfig(max_failures=experiment.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+            )
+        results = tuner.fit()
+    finally:
+        if own_ray:
+            ray.shutdown()
+    trials = summarize(results, experiment)
+    best_row = pick_best(trials, experiment)
+    best = best_config(best_row, experiment) if best_row is not None else None
+    write_results(run_dir, trials, best)
+    wall_s = time.perf_counter() - started
+    if verbose:
+        print(f"\nTop trials by {experiment.metric} (validation):")
+        print(leaderboard(trials, experiment))
+        counts = trials["trial_status"].value_counts().to_dict() if not trials.empty else {}
+        print(f"\n{len(trials)} trials ({', '.join(f'{v} {k}' for k, v in counts.items())}) in "
+              f"{wall_s / 60:.1f} min; results in {run_dir}")
+        print(f"study: optuna.load_study(study_name={experiment.name!r}, storage=JournalStorage("
+              f"JournalFileBackend({str(run_dir / STUDY_FILE)!r})))")
+    return SweepOutcome(str(run_dir), trials, best, wall_s)

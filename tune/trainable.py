@@ -1,0 +1,38 @@
+"""The Ray Tune trainable: one trial = one ``dualnet.fit``, reported every epoch with a checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+
+from dualnet import DualData, TrainConfig, fit
+from dualnet.train import EpochReport
+
+STATE_FILE = "state.pt"
+
+
+def train_trial(config: dict[str, Any], data: DualData) -> None:
+    """Train ``config`` (TrainConfig fields) on ``data``, which arrives through the object store.
+
+    On a retry after a crash, Ray hands back the trial's latest checkpoint and training
+    continues from the epoch after it, exactly as the unbroken run would.
+    """
+    # Ray logs every persisted checkpoint at INFO; one line per epoch per trial floods the driver.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = torch.load(Path(folder) / STATE_FILE, weights_only=True)
+
+    def report(epoch: EpochReport) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(epoch.state(), Path(folder) / STATE_FILE)
+            tune.report(epoch.metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    fit(TrainConfig.from_dict(config), data, on_epoch=report, resume=resume)
