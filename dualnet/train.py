@@ -141,9 +141,12 @@ def load_config_file(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a mapping of training settings, got {type(loaded).__name__}")
     loaded = {k: v for k, v in loaded.items() if k != "meta"}
-    entries = loaded.pop("configs") if "configs" in loaded else [loaded]
-    if loaded or not isinstance(entries, list) or not entries:
-        raise ValueError(f"{path}: 'configs' must be a non-empty list and stand alone beside 'meta'")
+    if "configs" in loaded:
+        entries = loaded.pop("configs")
+        if loaded or not isinstance(entries, list) or not entries:
+            raise ValueError(f"{path}: 'configs' must be a non-empty list and stand alone beside 'meta'")
+    else:
+        entries = [loaded]
     for entry in entries:
         if not isinstance(entry, dict):
             raise ValueError(f"{path}: each config must be a mapping, got {entry!r}")

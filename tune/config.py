@@ -46,7 +46,7 @@ class Param:
 
 @dataclass
 class Searcher:
-    type: str = "tpe"  # tpe | random
+    type: str = "tpe"  # tpe | random | grid (every combination of the choice values)
     n_startup_trials: int = 8
 
 
@@ -230,7 +230,12 @@ def _check_ranges(e: Experiment) -> None:
     need(e.max_failures >= 0, f"max_failures: must be >= 0, got {e.max_failures}")
     need(e.time_budget_s is None or (e.time_budget_s > 0 and math.isfinite(e.time_budget_s)),
          f"time_budget_s: must be > 0 or null, got {e.time_budget_s}")
-    need(e.searcher.type in ("tpe", "random"), f"searcher.type: {e.searcher.type!r} must be tpe or random")
+    need(e.searcher.type in ("tpe", "random", "grid"),
+         f"searcher.type: {e.searcher.type!r} must be tpe, random or grid")
+    if e.searcher.type == "grid":
+        ranged = [k for k, p in e.space.items() if p.distribution not in (None, "choice")]
+        need(not ranged, f"space.{ranged[0] if ranged else ''}: a grid searcher takes only fixed values and "
+             f"choice lists")
     need(e.searcher.n_startup_trials >= 1, "searcher.n_startup_trials: must be >= 1")
     need(e.scheduler.type in ("asha", "none"), f"scheduler.type: {e.scheduler.type!r} must be asha or none")
     need(e.scheduler.grace_period >= 1, f"scheduler.grace_period: must be >= 1, got {e.scheduler.grace_period}")

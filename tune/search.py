@@ -31,6 +31,12 @@ class BudgetAwareOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self._full_epochs = full_epochs
 
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        # Lets anyone reading the study find the Ray trial (and its folder) behind each Optuna trial.
+        self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+        return config
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         stopped_early = (result is not None and not error and result.get("status") != "diverged"
                          and result.get("epoch", self._full_epochs) < self._full_epochs)
@@ -67,10 +73,13 @@ def study_storage(run_dir: Path) -> optuna.storages.BaseStorage:
 
 
 def make_searcher(experiment: Experiment, run_dir: Path) -> ConcurrencyLimiter:
-    """A seeded TPE (or random) Optuna searcher, persisted in the run folder, behind a concurrency limit."""
+    """A seeded TPE, random or grid Optuna searcher, persisted in the run folder, behind a concurrency limit."""
     if experiment.searcher.type == "tpe":
         sampler = optuna.samplers.TPESampler(seed=experiment.seed,
                                              n_startup_trials=experiment.searcher.n_startup_trials)
+    elif experiment.searcher.type == "grid":
+        grid = {key: param.args for key, param in experiment.space.items() if param.distribution == "choice"}
+        sampler = optuna.samplers.GridSampler(grid, seed=experiment.seed)
     else:
         sampler = optuna.samplers.RandomSampler(seed=experiment.seed)
     searcher = BudgetAwareOptunaSearch(space=optuna_space(experiment), sampler=sampler,

@@ -1,0 +1,78 @@
+"""One real sweep (Ray Tune + OptunaSearch + ASHA, both designs) through the CLI, then checks on what it left."""
+
+import re
+
+import optuna
+import pandas as pd
+import pytest
+
+from dualnet import TrainConfig
+from dualnet.train import load_config_file
+
+from .sweeps import load_study, run_cli, tiny_experiment
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sweep")
+    experiment = tiny_experiment(folder)
+    proc = run_cli(folder, "sweep", str(experiment))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return folder / "runs" / "tiny", proc
+
+
+def test_sweep_writes_trials_dataframe(sweep):
+    run_dir, _ = sweep
+    trials = pd.read_csv(run_dir / "trials.csv")
+    assert len(trials) == 6
+    assert set(trials["config/arch"]) == {"late", "pixel"}
+    for column in ("trial_id", "config/lr", "config/width", "val_joint_acc", "val_class_acc", "val_sum_acc",
+                   "epoch", "trial_status"):
+        assert column in trials
+    assert trials["val_joint_acc"].between(0, 1).all()
+    assert set(trials["trial_status"]) <= {"completed", "stopped_early"}
+    assert (trials.loc[trials["trial_status"] == "completed", "epoch"] == 2).all()
+    parquet = pd.read_parquet(run_dir / "trials.parquet")
+    assert list(parquet["trial_id"]) == list(trials["trial_id"])
+
+
+def test_study_is_persisted_and_asha_stops_are_pruned(sweep):
+    run_dir, _ = sweep
+    trials = pd.read_csv(run_dir / "trials.csv").set_index("trial_id")
+    study = load_study(run_dir, "tiny")
+    assert len(study.trials) == 6
+    stopped = trials[trials["trial_status"] == "stopped_early"]
+    assert len(stopped) >= 1, "ASHA stopped nothing, so the pruned path went untested"
+    for ot_trial in study.trials:
+        row = trials.loc[ot_trial.user_attrs["ray_trial_id"]]
+        assert ot_trial.params["lr"] == pytest.approx(row["config/lr"])
+        if row["trial_status"] == "stopped_early":
+            assert ot_trial.state == optuna.trial.TrialState.PRUNED
+            assert ot_trial.intermediate_values[int(row["epoch"])] == pytest.approx(row["val_joint_acc"])
+        else:
+            assert ot_trial.state == optuna.trial.TrialState.COMPLETE
+            assert ot_trial.value == pytest.approx(row["val_joint_acc"])
+
+
+def test_best_config_is_the_best_full_budget_trial_and_trains(sweep):
+    run_dir, _ = sweep
+    trials = pd.read_csv(run_dir / "trials.csv")
+    completed = trials[trials["trial_status"] == "completed"]
+    (entry,) = load_config_file(run_dir / "best_config.yaml")
+    config = TrainConfig.from_dict(entry)
+    best = completed.sort_values("val_joint_acc", ascending=False).iloc[0]
+    assert config.arch == best["config/arch"] and config.lr == pytest.approx(best["config/lr"])
+    assert config.epochs == 2 and config.hidden == 32
+
+
+def test_output_is_a_clean_progress_table(sweep):
+    _, proc = sweep
+    out = proc.stdout + proc.stderr
+    assert re.search(r"trial\s+arch\s+lr\s+width\s+epoch\s+val_joint_acc", proc.stdout)
+    assert "Top trials by val_joint_acc" in proc.stdout
+    assert "Traceback" not in out and "SIGTERM" not in out
+    assert "Checkpoint successfully created" not in out
+    deprecations = [line for line in out.splitlines() if re.search("deprecat", line, re.I) and "ray" in line.lower()]
+    assert not deprecations, deprecations
