@@ -105,3 +105,15 @@ def test_registry_builds_by_name_and_takes_a_new_design():
 def test_bad_sizes_name_the_setting(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         build_model("late", **bad)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("code ran during load",))
+
+
+def test_load_model_never_unpickles_code(tmp_path, capsys):
+    torch.save({"format": 1, "arch": "late", "payload": _Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="not a readable dualnet model"):
+        load_model(tmp_path / "evil.pt")
+    assert "code ran during load" not in capsys.readouterr().out

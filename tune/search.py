@@ -53,7 +53,8 @@ class BudgetAwareOptunaSearch(OptunaSearch):
 
 
 def optuna_space(experiment: Experiment) -> dict[str, optuna.distributions.BaseDistribution]:
-    """Return the sampled hyperparameters as Optuna distributions (fixed ones are left out)."""
+    """Return the sampled hyperparameters as Optuna distributions (fixed ones are left out,
+    except ``arch`` when nothing else is sampled)."""
     space = {}
     for key, param in experiment.space.items():
         if param.distribution == "choice":
@@ -64,6 +65,9 @@ def optuna_space(experiment: Experiment) -> dict[str, optuna.distributions.BaseD
             space[key] = FloatDistribution(*param.args, log=True)
         elif param.distribution == "int":
             space[key] = IntDistribution(*param.args)
+    if not space:
+        # Nothing is searched (a fixed recipe): Optuna still needs one distribution to record trials.
+        space["arch"] = CategoricalDistribution(experiment.space["arch"].args)
     return space
 
 

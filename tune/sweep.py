@@ -86,13 +86,14 @@ def _prepare_run_dir(experiment: Experiment, run_dir: Path, resume: bool) -> Non
     if saved.exists():
         raise SweepError(f"{run_dir} already holds a sweep; pass --resume to continue it, or choose another "
                          f"--name or --storage")
+    # Probe the storage root, not the run folder: a rejected sweep must leave no run folder behind.
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{uuid.uuid4().hex[:8]}"
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        probe = run_dir.parent / f".write-test-{uuid.uuid4().hex[:8]}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
-        raise SweepError(f"storage {run_dir.parent} is not writable ({exc.strerror}); pass --storage DIR "
+        raise SweepError(f"storage {run_dir.parent} is not writable ({exc.strerror or exc}); pass --storage DIR "
                          f"with a folder you can write") from None
 
 
@@ -111,15 +112,13 @@ def _constants(experiment: Experiment) -> dict[str, Any]:
     return {**fixed, "epochs": experiment.epochs, "threads": threads, "device": device}
 
 
-def _check_resources(experiment: Experiment) -> None:
-    import ray
-
-    available = ray.cluster_resources()
+def _check_resources(experiment: Experiment, available: dict[str, float]) -> None:
+    """Fail at launch, not by hanging, when one trial needs more than the cluster has."""
     for key, ray_key in (("cpu", "CPU"), ("gpu", "GPU")):
         wanted = getattr(experiment.resources, key)
         have = available.get(ray_key, 0)
         if wanted > 0 and wanted > have:
-            raise SweepError(f"resources.{key}: each trial asks for {wanted} {ray_key}s but the Ray cluster has "
+            raise SweepError(f"resources.{key}: each trial asks for {wanted:g} {ray_key}s but the Ray cluster has "
                              f"{have:g}; lower --{key}s-per-trial or add nodes")
 
 
@@ -190,6 +189,16 @@ def write_results(run_dir: Path, trials: pd.DataFrame, best: dict[str, Any] | No
                       + yaml.safe_dump(best, sort_keys=False))
 
 
+def start_ray(address: str | None) -> None:
+    """Join the cluster at ``address``, or start a local Ray whose every port binds to 127.0.0.1."""
+    import ray
+
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+    else:
+        ray.init(include_dashboard=False, dashboard_host="127.0.0.1", logging_level="WARNING")
+
+
 def run_sweep(experiment: Experiment, address: str | None = None, resume: bool = False,
               verbose: bool = True) -> SweepOutcome:
     """Run (or resume) a sweep end to end and write its result files.
@@ -202,8 +211,6 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
         DataError: the dataset is missing or damaged.
     """
     storage_path, run_dir = run_location(experiment)
-    if is_uri(experiment.storage):
-        run_dir.mkdir(parents=True, exist_ok=True)
     _prepare_run_dir(experiment, run_dir, resume)
     data = load_data(experiment.data.dir, download=experiment.data.download, val_size=experiment.data.val_size,
                      seed=experiment.data.seed, train_subset=experiment.data.train_subset)
@@ -211,8 +218,9 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
     # Ray reads these at import and Tuner creation; keep bookkeeping proportional to the concurrency.
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(experiment.max_concurrent))
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # Each epoch's checkpoint forces a state snapshot (that is what makes --resume exact); the warning
-    # about snapshot frequency would print on every short trial.
+    # With num_to_keep=1 every trial checkpoint forces an experiment snapshot, which also syncs the
+    # driver's result.json files to storage. Without it, a trial retried after a crash copies back a
+    # stale result.json and its history loses epochs. The warning about that frequency is noise here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
     from ray import tune
@@ -222,19 +230,21 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
 
     started = time.perf_counter()
     own_ray = not ray.is_initialized()
+    if own_ray and not address:
+        # A local Ray sees exactly these; checking first keeps the error to one line, before Ray's banner.
+        import torch
+
+        _check_resources(experiment, {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()})
     if own_ray:
-        if address:
-            ray.init(address=address, logging_level="WARNING", log_to_driver=True)
-        else:
-            ray.init(include_dashboard=False, dashboard_host="127.0.0.1", logging_level="WARNING",
-                     configure_logging=True)
+        start_ray(address)
     try:
-        _check_resources(experiment)
+        _check_resources(experiment, ray.cluster_resources())
         alive = [n for n in ray.nodes() if n.get("Alive")]
         if len(alive) > 1 and not is_uri(experiment.storage):
             print(f"note: {len(alive)} nodes share this sweep; storage {storage_path} must be a shared mount "
                   f"visible to every node, or pass --storage s3://... / gs://...", file=sys.stderr)
         if not resume:
+            run_dir.mkdir(parents=True, exist_ok=True)
             _write_atomic(run_dir / EXPERIMENT_FILE, yaml.safe_dump(experiment.to_dict(), sort_keys=False))
         trainable = tune.with_resources(tune.with_parameters(train_trial, data=data),
                                         {"cpu": experiment.resources.cpu, "gpu": experiment.resources.gpu})
@@ -255,7 +265,7 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
                 run_config=tune.RunConfig(
                     name=experiment.name, storage_path=storage_path, verbose=0, callbacks=[progress],
                     failure_config=tune.FailureConfig(max_failures=experiment.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
             )
         results = tuner.fit()
     finally:

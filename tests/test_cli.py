@@ -1,0 +1,67 @@
+"""``python -m dualnet train`` end to end on synthetic IDX files."""
+
+import subprocess
+import sys
+
+import torch
+import yaml
+
+from dualnet import load_model
+from dualnet.train import TrainConfig
+
+from .conftest import REPO, write_dataset
+
+
+def _train(tmp_path, *args):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DUALNET_CACHE_DIR": str(tmp_path / "cache")}
+    return subprocess.run([sys.executable, "-m", "dualnet", "train", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_train_both_designs_prints_epochs_saves_models_and_test_accuracy(tmp_path):
+    write_dataset(tmp_path / "idx", n_train=1200, n_test=300)
+    proc = _train(tmp_path, "--arch", "both", "--epochs", "2", "--width", "4", "--hidden", "32",
+                  "--data-dir", str(tmp_path / "idx"), "--no-download", "--val-size", "200", "--threads", "1",
+                  "--eval-test", "--save", str(tmp_path / "out" / "model.pt"))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    for arch in ("late", "pixel"):
+        epoch_lines = [line for line in lines if line.startswith(f"[{arch}] epoch")]
+        assert len(epoch_lines) == 2
+        assert "images 1000" in epoch_lines[0] and "val class" in epoch_lines[0] and "img/s" in epoch_lines[0]
+        assert any(line.startswith(f"[{arch}] test:") and "joint" in line for line in lines)
+        model = load_model(tmp_path / "out" / f"model-{arch}.pt")
+        class_pred, sum_pred = model.predict(torch.zeros(3, 28, 28, dtype=torch.uint8), torch.tensor([0, 5, 9]))
+        assert class_pred.shape == (3,) and sum_pred.shape == (3,)
+    assert "the number overwrites garment ink" in proc.stdout
+
+
+def test_train_accepts_a_config_file_and_flags_override_it(tmp_path):
+    write_dataset(tmp_path / "idx", n_train=600, n_test=100)
+    config = tmp_path / "best.yaml"
+    config.write_text(yaml.safe_dump({"arch": "pixel", "width": 4, "hidden": 16, "epochs": 3,
+                                      "meta": {"from": "a sweep"}}))
+    proc = _train(tmp_path, "--config", str(config), "--epochs", "1", "--data-dir", str(tmp_path / "idx"),
+                  "--val-size", "100")
+    assert proc.returncode == 0, proc.stderr
+    assert sum(line.startswith("[pixel] epoch  1/1") for line in proc.stdout.splitlines()) == 1
+
+
+def test_bad_flags_and_config_give_one_line_exit_2(tmp_path):
+    write_dataset(tmp_path / "idx", n_train=600, n_test=100)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"arch": "late", "learning_rate": 0.1}))
+    for args, message in ((["--config", str(bad)], "learning_rate"), (["--lr", "-1"], "lr"),
+                          (["--train-subset", "999999"], "train_subset")):
+        proc = _train(tmp_path, *args, "--data-dir", str(tmp_path / "idx"), "--val-size", "100")
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert message in proc.stderr and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_help_documents_every_training_setting():
+    out = subprocess.run([sys.executable, "-m", "dualnet", "train", "--help"], cwd=REPO, capture_output=True,
+                         text=True).stdout
+    for field in TrainConfig.__dataclass_fields__:
+        assert "--" + field.replace("_", "-") in out, field
+    for flag in ("--eval-test", "--save", "--data-dir", "--no-download", "--val-size", "--train-subset"):
+        assert flag in out

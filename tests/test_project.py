@@ -1,0 +1,37 @@
+"""Packaging stays consistent: pyproject vs environment.yml, and the README's test command vs CI."""
+
+import re
+import tomllib
+
+import yaml
+
+from .conftest import REPO
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[ ]", requirement, maxsplit=1)[0].lower()
+
+
+def test_environment_yml_matches_pyproject():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    runtime = {_name(r): r for r in project["dependencies"]}
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    conda_pip = {_name(r): r for r in pip_section if not r.startswith("-")}
+    for name, requirement in runtime.items():
+        assert conda_pip.get(name) == requirement, f"{name}: pyproject {requirement!r} vs environment.yml"
+    for required in ("torch", "torchvision", "ray", "optuna", "pandas", "pyyaml"):
+        assert required in runtime
+    assert set(conda_pip) - set(runtime) <= {"pytest"}
+    assert any(_name(r) == "pytest" for r in project["optional-dependencies"]["dev"])
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"```(?:bash|sh)?\n(.*?)\n```", quick_start, re.S)
+    assert len(commands) == 2, "Quick start must hold exactly two commands"
+    test_command = commands[1].strip()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert test_command in ci.splitlines(), "CI must run the README's test command verbatim"
+    assert "apt-get install -y dataset-fashion-mnist" in ci

@@ -1,0 +1,71 @@
+"""Killing the sweep driver with SIGKILL mid-sweep, then ``--resume``: nothing finished is re-run or lost."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from .conftest import REPO
+from .sweeps import load_study, run_cli, sweep_env, tiny_experiment
+
+pytestmark = pytest.mark.slow
+
+
+def _finished_trials(log_text: str) -> list[str]:
+    return [line.split()[1] for line in log_text.splitlines() if line.rstrip().endswith("completed")]
+
+
+def test_resume_after_driver_sigkill_keeps_finished_trials(tmp_path):
+    experiment = tiny_experiment(tmp_path, name="resumable", num_samples=4, max_concurrent=1, epochs=3,
+                                 scheduler={"type": "none"})
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen([sys.executable, "-m", "tune", "sweep", str(experiment)], cwd=REPO,
+                                  env=sweep_env(tmp_path), stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and len(_finished_trials(log.read_text())) < 2:
+            assert driver.poll() is None, log.read_text()[-2000:]
+            time.sleep(0.2)
+        finished = _finished_trials(log.read_text())
+        assert len(finished) >= 2, "the sweep made no progress before the deadline"
+    finally:
+        # The driver and the local Ray it started (same session) die at once, as on a machine crash.
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    run_dir = tmp_path / "runs" / "resumable"
+    assert not (run_dir / "trials.csv").exists(), "the sweep finished before it could be killed"
+    before = {t: (run_dir / t / "result.json").read_text() for t in finished}
+
+    proc = run_cli(tmp_path, "sweep", str(experiment), "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = pd.read_csv(run_dir / "trials.csv")
+    assert len(trials) == 4 and (trials["trial_status"] == "completed").all()
+    for trial_id, text in before.items():
+        assert (run_dir / trial_id / "result.json").read_text() == text, f"finished trial {trial_id} was re-run"
+        assert f"{trial_id}  " not in proc.stdout, f"finished trial {trial_id} reported again after resume"
+    for trial_id in trials["trial_id"]:
+        epochs = [json.loads(line)["epoch"] for line in (run_dir / trial_id / "result.json").read_text().splitlines()]
+        assert sorted(set(epochs)) == [1, 2, 3], (trial_id, epochs)
+    study = load_study(run_dir, "resumable")
+    ray_ids = [t.user_attrs.get("ray_trial_id") for t in study.trials if t.state.is_finished()]
+    assert sorted(ray_ids) == sorted(trials["trial_id"]), "every trial must be in the study exactly once"
+
+
+def test_resume_refuses_another_experiments_folder(tmp_path):
+    first = tiny_experiment(tmp_path, name="shared", num_samples=1, epochs=1)
+    assert run_cli(tmp_path, "sweep", str(first)).returncode == 0
+    other = tiny_experiment(tmp_path, name="shared", num_samples=1, epochs=2)
+    proc = run_cli(tmp_path, "sweep", str(other), "--resume")
+    assert proc.returncode == 2 and "belongs to a different experiment" in proc.stderr and "epochs" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    again = run_cli(tmp_path, "sweep", str(first))
+    assert again.returncode == 2 and "already holds a sweep" in again.stderr
+    nothing = run_cli(tmp_path, "sweep", str(tiny_experiment(tmp_path, name="fresh")), "--resume")
+    assert nothing.returncode == 2 and "holds no sweep" in nothing.stderr
