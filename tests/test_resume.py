@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,7 +50,8 @@ def test_resume_after_driver_sigkill_keeps_finished_trials(tmp_path):
     assert len(trials) == 4 and (trials["trial_status"] == "completed").all()
     for trial_id, text in before.items():
         assert (run_dir / trial_id / "result.json").read_text() == text, f"finished trial {trial_id} was re-run"
-        assert f"{trial_id}  " not in proc.stdout, f"finished trial {trial_id} reported again after resume"
+        epoch_lines = re.findall(rf"^\s*[\d.]+m\s+{trial_id}\s.*\d/3\s+[\d.]+\s*$", proc.stdout, re.M)
+        assert not epoch_lines, f"finished trial {trial_id} trained again after resume: {epoch_lines}"
     for trial_id in trials["trial_id"]:
         epochs = [json.loads(line)["epoch"] for line in (run_dir / trial_id / "result.json").read_text().splitlines()]
         assert sorted(set(epochs)) == [1, 2, 3], (trial_id, epochs)

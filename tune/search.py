@@ -38,10 +38,15 @@ class BudgetAwareOptunaSearch(OptunaSearch):
         return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and self._ot_study.get_trials(deepcopy=False)[ot_trial.number].state.is_finished():
+            # A sweep resumed from a snapshot taken just before this trial ended: the study already
+            # holds its outcome, and telling it twice would fail.
+            self._completed_trials.add(trial_id)
+            return
         stopped_early = (result is not None and not error and result.get("status") != "diverged"
                          and result.get("epoch", self._full_epochs) < self._full_epochs)
         if stopped_early and trial_id not in self._completed_trials:
-            ot_trial = self._ot_trials[trial_id]
             # Ray skips on_trial_result for the result that triggered the stop; keep it as
             # the pruned trial's last intermediate value.
             if result.get(self.metric) is not None:

@@ -22,7 +22,7 @@ import yaml
 from dualnet import DataError, load_data
 
 from .config import ConfigError, Experiment, from_dict
-from .search import STUDY_FILE, make_scheduler, make_searcher
+from .search import STUDY_FILE, make_scheduler, make_searcher, study_storage
 
 EXPERIMENT_FILE = "experiment.yaml"
 RESULT_FILES = ("trials.csv", "trials.parquet", "best_config.yaml")
@@ -189,6 +189,19 @@ def write_results(run_dir: Path, trials: pd.DataFrame, best: dict[str, Any] | No
                       + yaml.safe_dump(best, sort_keys=False))
 
 
+def _close_orphaned_study_trials(run_dir: Path, experiment: Experiment) -> None:
+    """Mark study trials still RUNNING after the sweep ended as FAIL.
+
+    If the driver dies between Optuna's ``ask`` and Ray's next state snapshot, the resumed sweep
+    never hears of that Optuna trial again. Left alone it would stay RUNNING forever.
+    """
+    import optuna
+
+    study = optuna.load_study(study_name=experiment.name, storage=study_storage(run_dir))
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+
+
 def start_ray(address: str | None) -> None:
     """Join the cluster at ``address``, or start a local Ray whose every port binds to 127.0.0.1."""
     import ray
@@ -272,6 +285,7 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
         if own_ray:
             ray.shutdown()
     trials = summarize(results, experiment)
+    _close_orphaned_study_trials(run_dir, experiment)
     best_row = pick_best(trials, experiment)
     best = best_config(best_row, experiment) if best_row is not None else None
     write_results(run_dir, trials, best)
