@@ -214,7 +214,8 @@ def make_data(train_images: torch.Tensor, train_labels: torch.Tensor,
     """Split off a seeded validation set and pair validation and test images with fixed numbers.
 
     Args:
-        val_size: images held out of the training set for validation (used by search).
+        val_size: images held out of the training set for validation (used by search); 0 trains
+            on all of them (confirmation runs).
         seed: seeds the split and the fixed validation and test numbers.
         train_subset: keep only this many training images (quick runs); None keeps all.
 
@@ -222,8 +223,8 @@ def make_data(train_images: torch.Tensor, train_labels: torch.Tensor,
         ValueError: ``val_size`` or ``train_subset`` leaves no training images.
     """
     n = len(train_labels)
-    if not 0 < val_size < n:
-        raise ValueError(f"val_size={val_size} must be between 1 and {n - 1}")
+    if not 0 <= val_size < n:
+        raise ValueError(f"val_size={val_size} must be between 0 (train on all images) and {n - 1}")
     gen = torch.Generator().manual_seed(seed + _SPLIT_STREAM)
     order = torch.randperm(n, generator=gen)
     val_idx, train_idx = order[:val_size], order[val_size:]

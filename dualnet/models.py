@@ -8,7 +8,7 @@ so a saved model needs nothing else from its user.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -161,11 +161,15 @@ def build_model(arch: str, width: int = 16, hidden: int = 256, dropout: float = 
     return ARCHS[arch](width=width, hidden=hidden, dropout=dropout, depth=depth)
 
 
-def save_model(model: DualNet, path: str | os.PathLike, extra: dict | None = None) -> None:
-    """Write the model's design, sizes and weights to ``path`` atomically (temp file + rename)."""
+def save_model(model: DualNet, path: str | os.PathLike | BinaryIO, extra: dict | None = None) -> None:
+    """Write the model's design, sizes and weights to ``path`` atomically (temp file + rename),
+    or into an open binary file."""
     payload = {"format": SAVE_FORMAT, "arch": model.arch, "hparams": model.hparams,
                "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                "extra": extra or {}}
+    if hasattr(path, "write"):
+        torch.save(payload, path)
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(payload, tmp)
     os.replace(tmp, path)

@@ -190,7 +190,8 @@ def fit(config: TrainConfig | dict[str, Any], data: DualData,
 
     Args:
         config: a ``TrainConfig`` or plain dict of its fields.
-        data: the paired splits; the test split is never touched here.
+        data: the paired splits; the test split is never touched here. With an empty
+            validation split, epochs report no ``val_*`` metrics.
         on_epoch: called after each epoch with the metrics and a way to build a checkpoint.
         resume: a checkpoint from ``EpochReport.state()``; training continues exactly
             as the unbroken run would have.
@@ -257,9 +258,11 @@ def fit(config: TrainConfig | dict[str, Any], data: DualData,
             status = "diverged"
             scores = {"loss": float("nan"), "class_acc": 0.0, "sum_acc": 0.0, "joint_acc": 0.0,
                       "class_correct": 0, "sum_correct": 0, "joint_correct": 0, "n": len(val)}
-        else:
+        elif len(val):
             with _autocast(config, device):
                 scores = evaluate(model, val)
+        else:  # no validation split: a confirmation run on all training images
+            scores = {}
         metrics = {"epoch": epoch + 1, "train_loss": train_loss,
                    **{f"val_{k}": v for k, v in scores.items()},
                    "epoch_s": time.perf_counter() - started, "images_per_s": len(train) / train_s,

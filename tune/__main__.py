@@ -34,7 +34,105 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep in its run folder; "
                        "finished trials are kept, unfinished ones continue from their checkpoints")
     sweep.add_argument("--quiet", action="store_true", help="no live progress table")
+
+    analyze = commands.add_parser(
+        "analyze", help="leaderboard, best configs, importances, plots and an HTML report of one or more sweeps",
+        description="Read sweeps from their run folders (running, interrupted or finished; no Ray needed).")
+    analyze.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    analyze.add_argument("--top", type=int, default=10, help="rows in the leaderboard (default 10)")
+    analyze.add_argument("--by", help="group best configs and importances by this column, e.g. arch")
+    analyze.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/analysis)")
+
+    best = commands.add_parser("best", help="export the best config as YAML for 'dualnet train' and 'tune confirm'")
+    best.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    best.add_argument("--by", help="one best config per value of this column, e.g. arch")
+    best.add_argument("-o", "--output", type=Path, required=True, help="YAML file to write")
+
+    confirm = commands.add_parser(
+        "confirm", help="retrain a config with several seeds on all 60k training images and score on test",
+        description="The only command that reads the test set. Seeds run as parallel Ray tasks.")
+    confirm.add_argument("config", type=Path, help="YAML from 'python -m tune best' (one config or one per design)")
+    confirm.add_argument("--seeds", type=int, default=5, help="seeds per config (default 5)")
+    confirm.add_argument("--epochs", type=int, help="override the config's epochs")
+    confirm.add_argument("--out", type=Path, help="output folder (default: runs/confirm-<config name>)")
+    confirm.add_argument("--cpus-per-task", type=int, default=1, help="CPUs (torch threads) per seed (default 1)")
+    confirm.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files")
+    confirm.add_argument("--no-download", action="store_true", help="never download the dataset")
+    confirm.add_argument("--no-ray", action="store_true", help="train seeds one after another in this process")
     return parser
+
+
+def analyze_command(args: argparse.Namespace) -> int:
+    from . import analysis, report
+
+    sweep = analysis.load(args.run_dirs)
+    out = args.out or args.run_dirs[0] / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    metric = sweep.metric
+    columns = [c for c in ["run", "trial_id", "status", *sweep.params, "epochs_run", f"last_{metric}",
+                           f"best_{metric}", "wall_s"] if c in sweep.trials]
+    ascending = metric == "val_loss"
+    board = sweep.trials.sort_values(f"last_{metric}", ascending=ascending).head(args.top)[columns]
+    importances = sweep.importances(by=args.by)
+    print(f"Leaderboard by final {metric} (validation), top {args.top} of {len(sweep.trials)}:")
+    print(board.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"\nBest config{' per ' + args.by if args.by else ''}:")
+    best = sweep.best(by=args.by or "arch")
+    print(best[[c for c in columns if c in best]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print("\nImportances (fANOVA over full-budget trials):")
+    print(importances.to_string(index=False, float_format=lambda v: f"{v:.3f}") if not importances.empty
+          else "  not enough full-budget trials yet")
+    for name, frame in (("trials", sweep.trials), ("history", sweep.history), ("importances", importances)):
+        frame.to_csv(out / f"{name}.csv", index=False)
+        if name != "importances":
+            frame.to_parquet(out / f"{name}.parquet", index=False)
+    plots = report.write_plots(sweep, importances, out)
+    page = report.write_html(sweep, board, importances, plots, out / "report.html")
+    print(f"\nwrote {out}/trials.*, history.*, importances.csv, {len(plots)} plots and {page}")
+    return 0
+
+
+def best_command(args: argparse.Namespace) -> int:
+    import yaml
+
+    from . import analysis
+
+    sweep = analysis.load(args.run_dir)
+    rows = sweep.best(by=args.by)
+    configs = []
+    for _, row in rows.iterrows():
+        config = {p: (row[p].item() if hasattr(row[p], "item") else row[p]) for p in sweep.params}
+        config["epochs"] = int(next(iter(sweep.experiments.values())).epochs)
+        configs.append(config)
+    meta = {"run": str(args.run_dir), "metric": sweep.metric,
+            "trials": {row["trial_id"]: float(row[f"last_{sweep.metric}"]) for _, row in rows.iterrows()},
+            "note": "validation metrics; confirm on test with python -m tune confirm"}
+    body = {"configs": configs, "meta": meta} if len(configs) > 1 else {**configs[0], "meta": meta}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.output.with_name(f".{args.output.name}.tmp")
+    tmp.write_text(yaml.safe_dump(body, sort_keys=False))
+    tmp.replace(args.output)
+    print(f"wrote {args.output} ({len(configs)} config(s))")
+    return 0
+
+
+def confirm_command(args: argparse.Namespace) -> int:
+    from dualnet.train import load_config_file
+
+    from .confirm import format_summary, run_confirm
+
+    if args.seeds < 1 or (args.epochs is not None and args.epochs < 1) or args.cpus_per_task < 1:
+        raise ConfigError("--seeds, --epochs and --cpus-per-task must be >= 1")
+    try:
+        configs = load_config_file(args.config)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    out = args.out or Path("runs") / f"confirm-{check_name(args.config.stem)}"
+    report = run_confirm(configs, args.seeds, args.epochs, out, data_dir=args.data_dir,
+                         download=not args.no_download, cpus_per_task=args.cpus_per_task, parallel=not args.no_ray)
+    print(format_summary(report))
+    print(f"wrote {out}/confirm.json and {len(report['runs'])} models in {out}/models")
+    return 0
 
 
 def sweep_command(args: argparse.Namespace) -> int:
@@ -57,10 +155,13 @@ def sweep_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .analysis import AnalysisError
+
     args = build_parser().parse_args(argv)
+    commands = {"sweep": sweep_command, "analyze": analyze_command, "best": best_command, "confirm": confirm_command}
     try:
-        return sweep_command(args)
-    except (ConfigError, DataError) as exc:
+        return commands[args.command](args)
+    except (ConfigError, DataError, AnalysisError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,152 @@
+"""Confirmation: retrain chosen configs with several seeds on all 60k training images, score once on test.
+
+This is the only place the harness touches the test set, and it never feeds back into search.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import statistics
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dualnet import DualData, TrainConfig, evaluate_split, fit, load_data, save_model
+
+# Two-sided 95% Student-t quantiles t(0.975, df) for df = 1..30; the normal value beyond.
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042]
+TEST_METRICS = ("joint_acc", "class_acc", "sum_acc")
+
+
+def t975(df: int) -> float:
+    """Return the 97.5% quantile of Student's t with ``df`` degrees of freedom (1.96 past 30)."""
+    return _T975[df - 1] if 1 <= df <= len(_T975) else 1.96
+
+
+def interval(values: list[float]) -> dict[str, float]:
+    """Mean, sample std and a 95% t-interval of the mean (NaN bounds for a single value)."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if n > 1 else float("nan")
+    half = t975(n - 1) * std / math.sqrt(n) if n > 1 else float("nan")
+    return {"n": n, "mean": mean, "std": std, "ci95_low": mean - half, "ci95_high": mean + half}
+
+
+def train_and_test(config: dict[str, Any], data: DualData, threads: int) -> dict[str, Any]:
+    """Train one seed on all training images and score it once on the test set.
+
+    Returns:
+        ``arch``, ``seed``, ``status``, the test metrics, the train seconds and the model's
+        ``save_model`` bytes.
+    """
+    config = TrainConfig.from_dict({**config, "threads": threads})
+    started = time.perf_counter()
+    result = fit(config, data)
+    test = evaluate_split(result.model, data.test, config) if result.status == "completed" else {}
+    buffer = io.BytesIO()
+    save_model(result.model, buffer, extra={"config": config.to_dict(), "test": test})
+    return {"arch": config.arch, "seed": config.seed, "status": result.status,
+            **{f"test_{k}": test.get(k, 0.0) for k in TEST_METRICS},
+            "train_s": time.perf_counter() - started, "model": buffer.getvalue()}
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per design: mean ± std and 95% interval of each test metric; for two designs, their paired difference."""
+    archs = sorted({r["arch"] for r in runs})
+    summary: dict[str, Any] = {"designs": {}}
+    for arch in archs:
+        mine = [r for r in runs if r["arch"] == arch]
+        summary["designs"][arch] = {m: interval([r[f"test_{m}"] for r in mine]) for m in TEST_METRICS}
+    if len(archs) == 2:
+        a, b = archs
+        by_seed = {r["seed"]: r for r in runs if r["arch"] == b}
+        diffs = {m: [r[f"test_{m}"] - by_seed[r["seed"]][f"test_{m}"] for r in runs
+                     if r["arch"] == a and r["seed"] in by_seed] for m in TEST_METRICS}
+        summary["difference"] = {"of": f"{a} - {b}", "paired_by": "seed",
+                                 **{m: interval(v) for m, v in diffs.items() if v}}
+    return summary
+
+
+def run_confirm(configs: list[dict[str, Any]], seeds: int, epochs: int | None, out_dir: Path,
+                data_dir: str | None = None, download: bool = True, cpus_per_task: int = 1,
+                parallel: bool = True, log=print) -> dict[str, Any]:
+    """Train every config with seeds 0..seeds-1 (as parallel Ray tasks when ``parallel``) and write results.
+
+    Writes ``out_dir/models/<arch>-seed<k>.pt`` and ``out_dir/confirm.json`` (atomically).
+
+    Returns:
+        The contents of ``confirm.json``.
+    """
+    jobs = [{**c, "seed": seed, **({"epochs": epochs} if epochs else {})} for c in configs for seed in range(seeds)]
+    for job in jobs:
+        TrainConfig.from_dict(job)  # fail before any training
+    data = load_data(data_dir, download=download, val_size=0)
+    log(f"confirm: {len(jobs)} runs ({len(configs)} config(s) x {seeds} seeds) on {len(data.train)} training "
+        f"images, scored once on {len(data.test)} test images")
+    started = time.perf_counter()
+    if parallel:
+        import ray
+
+        own_ray = not ray.is_initialized()
+        if own_ray:
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            ray.init(include_dashboard=False, logging_level="WARNING")
+        try:
+            data_ref = ray.put(data)
+            task = ray.remote(num_cpus=cpus_per_task)(train_and_test)
+            pending = {task.remote(job, data_ref, cpus_per_task): job for job in jobs}
+            runs = []
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                run = ray.get(done[0])
+                pending.pop(done[0])
+                runs.append(run)
+                log(f"  {run['arch']:<6} seed {run['seed']}: test joint {100 * run['test_joint_acc']:.2f}% "
+                    f"class {100 * run['test_class_acc']:.2f}% sum {100 * run['test_sum_acc']:.2f}% "
+                    f"({run['train_s'] / 60:.1f} min)")
+        finally:
+            if own_ray:
+                ray.shutdown()
+    else:
+        runs = []
+        for job in jobs:
+            runs.append(train_and_test(job, data, cpus_per_task or torch.get_num_threads()))
+    models = out_dir / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    for run in runs:
+        path = models / f"{run['arch']}-seed{run['seed']}.pt"
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}")
+        tmp.write_bytes(run.pop("model"))
+        os.replace(tmp, path)
+        run["model_path"] = str(path)
+    report = {"configs": configs, "seeds": seeds, "epochs": epochs, "wall_s": time.perf_counter() - started,
+              "runs": sorted(runs, key=lambda r: (r["arch"], r["seed"])), **summarize(runs)}
+    tmp = out_dir / f".confirm.json.{uuid.uuid4().hex[:6]}"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out_dir / "confirm.json")
+    return report
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """A plain-text table of the confirmation results."""
+    lines = [f"{'design':<8}{'metric':<11}{'mean':>8}{'std':>8}   95% interval   (n={report['seeds']} seeds, test set)"]
+    for arch, stats in report["designs"].items():
+        for metric, s in stats.items():
+            lines.append(f"{arch:<8}{metric:<11}{100 * s['mean']:7.2f}%{100 * s['std']:7.2f}   "
+                         f"[{100 * s['ci95_low']:.2f}, {100 * s['ci95_high']:.2f}]")
+    if "difference" in report:
+        d = report["difference"]
+        for metric in TEST_METRICS:
+            if metric in d:
+                s = d[metric]
+                lines.append(f"{d['of']:<19}{metric:<11}{100 * s['mean']:+7.2f} pts  95% interval "
+                             f"[{100 * s['ci95_low']:+.2f}, {100 * s['ci95_high']:+.2f}] (paired by seed)")
+    return "\n".join(lines)
