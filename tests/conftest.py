@@ -73,3 +73,19 @@ def synthetic_data():
     """DualData built from synthetic arrays (no files), 3000 images with 600 for validation."""
     arrays = [torch.from_numpy(a).long() if a.ndim == 1 else torch.from_numpy(a) for a in synthetic_arrays(3000, 600)]
     return make_data(*arrays, val_size=600, seed=0)
+
+
+@pytest.fixture(scope="session")
+def sweep(tmp_path_factory):
+    """The session's one tiny real sweep (Ray Tune + Optuna TPE + ASHA, both designs, 8 trials x 2 epochs).
+
+    Returns:
+        (run folder, the finished CLI process).
+    """
+    from .sweeps import run_cli, tiny_experiment
+
+    folder = tmp_path_factory.mktemp("sweep")
+    experiment = tiny_experiment(folder, num_samples=8)
+    proc = run_cli(folder, "sweep", str(experiment))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return folder / "runs" / "tiny", proc

@@ -9,24 +9,15 @@ import pytest
 from dualnet import TrainConfig
 from dualnet.train import load_config_file
 
-from .sweeps import load_study, run_cli, tiny_experiment
+from .sweeps import load_study
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sweep")
-    experiment = tiny_experiment(folder)
-    proc = run_cli(folder, "sweep", str(experiment))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return folder / "runs" / "tiny", proc
 
 
 def test_sweep_writes_trials_dataframe(sweep):
     run_dir, _ = sweep
     trials = pd.read_csv(run_dir / "trials.csv")
-    assert len(trials) == 6
+    assert len(trials) == 8
     assert set(trials["config/arch"]) == {"late", "pixel"}
     for column in ("trial_id", "config/lr", "config/width", "val_joint_acc", "val_class_acc", "val_sum_acc",
                    "epoch", "trial_status"):
@@ -42,7 +33,7 @@ def test_study_is_persisted_and_asha_stops_are_pruned(sweep):
     run_dir, _ = sweep
     trials = pd.read_csv(run_dir / "trials.csv").set_index("trial_id")
     study = load_study(run_dir, "tiny")
-    assert len(study.trials) == 6
+    assert len(study.trials) == 8
     stopped = trials[trials["trial_status"] == "stopped_early"]
     assert len(stopped) >= 1, "ASHA stopped nothing, so the pruned path went untested"
     for ot_trial in study.trials:

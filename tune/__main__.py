@@ -69,7 +69,8 @@ def analyze_command(args: argparse.Namespace) -> int:
     out = args.out or args.run_dirs[0] / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     metric = sweep.metric
-    columns = [c for c in ["run", "trial_id", "status", *sweep.params, "epochs_run", f"last_{metric}",
+    varied = [p for p in sweep.params if sweep.trials[p].nunique() > 1 or p == "arch"]
+    columns = [c for c in ["run", "trial_id", "status", *varied, "epochs_run", f"last_{metric}",
                            f"best_{metric}", "wall_s"] if c in sweep.trials]
     ascending = metric == "val_loss"
     board = sweep.trials.sort_values(f"last_{metric}", ascending=ascending).head(args.top)[columns]

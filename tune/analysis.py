@@ -123,7 +123,12 @@ class Sweep:
             params = [p for p in searched if p != by and group[p].nunique() > 1]
             if len(group) < 3 or not params:
                 continue
-            study = optuna.create_study(direction="minimize" if self.mode == "min" else "maximize")
+            verbosity = optuna.logging.get_verbosity()
+            optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "study created" line per group
+            try:
+                study = optuna.create_study(direction="minimize" if self.mode == "min" else "maximize")
+            finally:
+                optuna.logging.set_verbosity(verbosity)
             for _, row in group.iterrows():
                 distributions = {p: _distribution(self.trials[p]) for p in params}
                 study.add_trial(optuna.trial.create_trial(

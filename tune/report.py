@@ -7,6 +7,7 @@ import html
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -38,6 +39,7 @@ def learning_curves(sweep: Sweep, out: Path, top: int = 8) -> Path:
         ax.plot(rows["epoch"], rows[metric], marker="o", ms=3, color=_colour(arch), alpha=0.8,
                 label=f"{trial_id} ({arch})")
     ax.set(xlabel="epoch", ylabel=f"{metric} (validation)", title=f"Learning curves of the top {len(best_ids)} trials")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     return _save(fig, out / "learning_curves.png")
@@ -105,6 +107,10 @@ def design_comparison(sweep: Sweep, out: Path) -> Path:
     archs = sorted(sweep.trials["arch"].dropna().unique())
     full = sweep.trials[sweep.trials["status"] == "completed"]
     data = [full.loc[full["arch"] == a, metric].dropna() for a in archs]
+    if not any(len(d) for d in data):
+        ax.text(0.5, 0.5, "no full-budget trials yet", ha="center", va="center")
+        ax.set_axis_off()
+        return _save(fig, out / "design_comparison.png")
     ax.boxplot(data, tick_labels=archs, showfliers=False)
     for i, (arch, values) in enumerate(zip(archs, data), start=1):
         ax.scatter([i] * len(values), values, color=_colour(arch), alpha=0.7, s=20, zorder=3)
@@ -126,6 +132,7 @@ def write_html(sweep: Sweep, leaderboard: pd.DataFrame, importances: pd.DataFram
                path: Path) -> Path:
     """One HTML file with every plot embedded as data URIs, so it opens anywhere."""
     counts = sweep.trials["status"].value_counts().to_dict()
+    fixed = ", ".join(f"{p}={sweep.trials[p].iloc[0]}" for p in sweep.params if sweep.trials[p].nunique() == 1)
     images = "".join(
         f'<figure><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
         f"<figcaption>{html.escape(p.stem.replace('_', ' '))}</figcaption></figure>" for p in plots)
@@ -134,20 +141,22 @@ def write_html(sweep: Sweep, leaderboard: pd.DataFrame, importances: pd.DataFram
 <html lang="en"><head><meta charset="utf-8"><title>Sweep report: {runs}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; padding: 0 1rem; }}
-table {{ border-collapse: collapse; font-size: 0.85rem; margin: 0.5rem 0 1.5rem; }}
+table {{ border-collapse: collapse; font-size: 0.78rem; margin: 0.5rem 0 1.5rem; }}
 th, td {{ border: 1px solid #ccc; padding: 0.25rem 0.5rem; text-align: right; }}
 th {{ background: #f3f3f3; }}
 figure {{ display: inline-block; margin: 0.5rem; vertical-align: top; }}
 img {{ max-width: 520px; border: 1px solid #ddd; }}
 figcaption {{ text-align: center; font-size: 0.8rem; color: #555; }}
 .note {{ color: #555; font-size: 0.9rem; }}
+.scroll {{ overflow-x: auto; }}
 </style></head><body>
 <h1>Sweep report: {runs}</h1>
 <p class="note">{len(sweep.trials)} trials: {html.escape(', '.join(f'{v} {k}' for k, v in counts.items()))}.
 All accuracies are on the validation split; confirm a config on the test set with
 <code>python -m tune confirm</code>.</p>
 <h2>Leaderboard ({html.escape(sweep.metric)})</h2>
-{leaderboard.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0)}
+<div class="scroll">{leaderboard.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0)}</div>
+<p class="note">Fixed in every trial: {html.escape(fixed) or "nothing"}.</p>
 <h2>Importances (fANOVA, full-budget trials)</h2>
 {importances.to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0) if not importances.empty
         else '<p class="note">Not enough full-budget trials.</p>'}

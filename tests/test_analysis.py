@@ -1,0 +1,138 @@
+"""Analysis of the session's tiny sweep: DataFrames, statuses, importances, plots, report, export, confirmation."""
+
+import json
+import struct
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from dualnet import load_data, load_model
+from dualnet.train import TrainConfig, fit, load_config_file
+from tune import analysis
+
+from .conftest import REPO
+from .sweeps import sweep_env
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(folder, *args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "tune", *args], cwd=REPO, env=sweep_env(folder),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_trials_and_history_frames(sweep):
+    run_dir, _ = sweep
+    loaded = analysis.load(run_dir)
+    trials, history = loaded.trials, loaded.history
+    assert len(trials) == 8 and trials["trial_id"].is_unique
+    assert set(trials["status"]) <= {"completed", "stopped_early"}
+    for column in ("arch", "lr", "width", "hidden", "batch_size", "epochs_run", "last_val_joint_acc",
+                   "best_val_joint_acc", "last_val_loss", "wall_s"):
+        assert column in trials, column
+    assert trials["lr"].dtype == float and pd.api.types.is_integer_dtype(trials["width"])
+    assert (trials["best_val_joint_acc"] >= trials["last_val_joint_acc"]).all()
+    # Status agrees with the sweep's own classification, and ASHA stops are stopped_early.
+    ray_view = pd.read_csv(run_dir / "trials.csv").set_index("trial_id")["trial_status"]
+    assert (trials.set_index("trial_id")["status"] == ray_view.loc[trials["trial_id"]].values).all()
+    assert (trials["status"] == "stopped_early").any()
+    assert len(history) == trials["epochs_run"].sum()
+    assert not history.duplicated(["trial_id", "epoch"]).any()
+    assert {"train_loss", "val_joint_acc", "epoch_s", "images_per_s"} <= set(history.columns)
+
+
+def test_several_runs_carry_their_name(sweep):
+    run_dir, _ = sweep
+    both = analysis.load([run_dir, run_dir])
+    assert list(both.trials.columns[:1]) == ["run"] and len(both.trials) == 16
+
+
+def test_best_overall_and_per_design(sweep):
+    loaded = analysis.load(sweep[0])
+    best = loaded.best()
+    completed = loaded.trials[loaded.trials["status"] == "completed"]
+    assert best.iloc[0]["last_val_joint_acc"] == completed["last_val_joint_acc"].max()
+    per_arch = loaded.best(by="arch")
+    assert set(per_arch["arch"]) == set(completed["arch"])
+    assert per_arch["arch"].is_unique
+
+
+def test_importances_sum_to_one(sweep):
+    importances = analysis.load(sweep[0]).importances()
+    assert not importances.empty, "fANOVA needs >= 3 full-budget trials; the fixture sweep should have them"
+    assert importances.groupby("group")["importance"].sum().round(6).eq(1.0).all()
+    assert set(importances["param"]) <= {"arch", "lr", "width"}
+
+
+def test_analyze_cli_writes_tables_plots_and_report(sweep, tmp_path):
+    out = tmp_path / "analysis"
+    proc = _cli(tmp_path, "analyze", str(sweep[0]), "--by", "arch", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Leaderboard" in proc.stdout and "Best config per arch" in proc.stdout
+    for name in ("trials.csv", "trials.parquet", "history.csv", "history.parquet", "importances.csv"):
+        assert (out / name).stat().st_size > 0, name
+    pngs = sorted(out.glob("*.png"))
+    assert {p.stem for p in pngs} == {"learning_curves", "metric_vs_lr", "metric_vs_width", "parallel_coordinates",
+                                      "importances", "design_comparison"}
+    for png in pngs:
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+        width, height = struct.unpack(">II", data[16:24])
+        assert width > 100 and height > 100
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == len(pngs)
+    assert "<table" in page and "Leaderboard" in page
+
+
+def test_export_round_trips_to_the_same_validation_metric(sweep, tmp_path):
+    run_dir, _ = sweep
+    proc = _cli(tmp_path, "best", str(run_dir), "-o", str(tmp_path / "best.yaml"))
+    assert proc.returncode == 0, proc.stderr
+    (config,) = load_config_file(tmp_path / "best.yaml")
+    experiment = yaml.safe_load((run_dir / "experiment.yaml").read_text())
+    data = load_data(experiment["data"]["dir"], download=False, val_size=experiment["data"]["val_size"],
+                     seed=experiment["data"]["seed"])
+    retrained = fit(TrainConfig.from_dict({**config, "threads": 1}), data)
+    best = analysis.load(run_dir).best().iloc[0]
+    assert retrained.history[-1]["val_joint_acc"] == best["last_val_joint_acc"]
+
+    per_arch = _cli(tmp_path, "best", str(run_dir), "--by", "arch", "-o", str(tmp_path / "both.yaml"))
+    assert per_arch.returncode == 0
+    assert {c["arch"] for c in load_config_file(tmp_path / "both.yaml")} <= {"late", "pixel"}
+
+
+def test_confirm_trains_seeds_and_reports_intervals(sweep, tmp_path):
+    run_dir, _ = sweep
+    both = tmp_path / "both.yaml"
+    both.write_text(yaml.safe_dump({"configs": [{"arch": "late", "width": 4, "hidden": 32, "epochs": 1},
+                                                {"arch": "pixel", "width": 4, "hidden": 32, "epochs": 1}]}))
+    data_dir = yaml.safe_load((run_dir / "experiment.yaml").read_text())["data"]["dir"]
+    proc = _cli(tmp_path, "confirm", str(both), "--seeds", "2", "--out", str(tmp_path / "confirm"),
+                "--data-dir", data_dir, "--no-download")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "confirm" / "confirm.json").read_text())
+    assert len(report["runs"]) == 4 and {r["seed"] for r in report["runs"]} == {0, 1}
+    for arch in ("late", "pixel"):
+        stats = report["designs"][arch]["joint_acc"]
+        assert stats["n"] == 2 and stats["ci95_low"] <= stats["mean"] <= stats["ci95_high"]
+        runs = [r for r in report["runs"] if r["arch"] == arch]
+        assert stats["mean"] == pytest.approx(sum(r["test_joint_acc"] for r in runs) / 2)
+        model = load_model(runs[0]["model_path"])
+        assert model.arch == arch
+    assert report["difference"]["of"] == "late - pixel"
+    assert "late - pixel" in proc.stdout and "95% interval" in proc.stdout
+
+
+def test_clear_errors_for_non_runs_and_empty_runs(tmp_path):
+    proc = _cli(tmp_path, "analyze", str(tmp_path))
+    assert proc.returncode == 2 and "is not a sweep run folder" in proc.stderr and proc.stderr.count("\n") == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "experiment.yaml").write_text(yaml.safe_dump({"name": "empty", "space": {"arch": "late"}}))
+    proc = _cli(tmp_path, "analyze", str(empty))
+    assert proc.returncode == 2 and "has no trials yet" in proc.stderr and proc.stderr.count("\n") == 1
+    proc = _cli(tmp_path, "best", str(empty), "-o", str(tmp_path / "x.yaml"))
+    assert proc.returncode == 2 and not (tmp_path / "x.yaml").exists()
