@@ -104,7 +104,12 @@ def _identity(experiment: Experiment) -> dict[str, Any]:
                               "scheduler", "data", "seed")}
 
 
-def _constants(experiment: Experiment) -> dict[str, Any]:
+def trial_resources(experiment: Experiment) -> dict[str, float]:
+    """What Ray reserves for each trial (fractional GPUs pack several trials on one GPU)."""
+    return {"cpu": experiment.resources.cpu, "gpu": experiment.resources.gpu}
+
+
+def trial_constants(experiment: Experiment) -> dict[str, Any]:
     """Per-trial settings that are not searched: fixed hyperparameters and the harness's own."""
     fixed = {k: p.args[0] for k, p in experiment.space.items() if p.fixed}
     threads = max(1, int(experiment.resources.cpu))
@@ -259,8 +264,7 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
         if not resume:
             run_dir.mkdir(parents=True, exist_ok=True)
             _write_atomic(run_dir / EXPERIMENT_FILE, yaml.safe_dump(experiment.to_dict(), sort_keys=False))
-        trainable = tune.with_resources(tune.with_parameters(train_trial, data=data),
-                                        {"cpu": experiment.resources.cpu, "gpu": experiment.resources.gpu})
+        trainable = tune.with_resources(tune.with_parameters(train_trial, data=data), trial_resources(experiment))
         progress = ProgressTable(experiment, enabled=verbose)
         if resume:
             tuner = tune.Tuner.restore(str(Path(storage_path) / experiment.name) if not is_uri(storage_path)
@@ -269,7 +273,7 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
         else:
             tuner = tune.Tuner(
                 trainable,
-                param_space=_constants(experiment),
+                param_space=trial_constants(experiment),
                 tune_config=tune.TuneConfig(
                     metric=experiment.metric, mode=experiment.mode,
                     search_alg=make_searcher(experiment, run_dir), scheduler=make_scheduler(experiment),

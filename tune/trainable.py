@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
@@ -30,9 +31,11 @@ def train_trial(config: dict[str, Any], data: DualData) -> None:
         with checkpoint.as_directory() as folder:
             resume = torch.load(Path(folder) / STATE_FILE, weights_only=True)
 
+    node_id = ray.get_runtime_context().get_node_id()  # shows where each epoch ran on a cluster
+
     def report(epoch: EpochReport) -> None:
         with tempfile.TemporaryDirectory() as folder:
             torch.save(epoch.state(), Path(folder) / STATE_FILE)
-            tune.report(epoch.metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+            tune.report({**epoch.metrics, "node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(folder))
 
     fit(TrainConfig.from_dict(config), data, on_epoch=report, resume=resume)
