@@ -18,6 +18,7 @@ import os
 import shutil
 import struct
 import tempfile
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,9 +179,27 @@ class Split:
         assert self.numbers is not None, "training numbers are drawn per epoch; use DualData.train_numbers"
         return self.labels + self.numbers
 
+    def __reduce__(self):
+        # Pickled as numpy arrays: Ray's object store then hands every worker on a node a
+        # zero-copy view of one shared buffer, so the images are held once per node, not per trial.
+        arrays = [None if t is None else t.cpu().numpy() for t in (self.images, self.labels, self.numbers)]
+        return _split_from_numpy, tuple(arrays)
+
     def to(self, device: torch.device | str) -> "Split":
         return Split(self.images.to(device), self.labels.to(device),
                      None if self.numbers is None else self.numbers.to(device))
+
+
+def _split_from_numpy(images, labels, numbers) -> Split:
+    def tensor(array):
+        if array is None:
+            return None
+        with warnings.catch_warnings():
+            # Arrays from Ray's object store are read-only shared memory; nothing writes to them.
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            return torch.from_numpy(array)
+
+    return Split(tensor(images), tensor(labels), tensor(numbers))
 
 
 @dataclass

@@ -12,6 +12,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+import yaml
 
 from .conftest import REPO, write_dataset
 from .sweeps import load_study, run_cli, sweep_env, tiny_experiment
@@ -23,15 +24,23 @@ def _epochs(result_json: Path) -> list[int]:
     return [json.loads(line)["epoch"] for line in result_json.read_text().splitlines() if line.strip()]
 
 
-def _start(folder: Path, experiment: Path) -> subprocess.Popen:
-    log = open(folder / "driver.log", "w")
-    return subprocess.Popen([sys.executable, "-m", "tune", "sweep", str(experiment)], cwd=REPO,
-                            env=sweep_env(folder), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+def _sweep_with_kills(folder: Path, experiment: Path, kills: int, seed: int) -> tuple[Path, list[int]]:
+    """Run a sweep while SIGKILLing the worker of a running trial ``kills`` times, each shortly after it
+    reported an epoch; return the run folder and the killed pids once the sweep has finished."""
+    with open(folder / "driver.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "tune", "sweep", str(experiment)], cwd=REPO,
+                                  env=sweep_env(folder), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    run_dir = folder / "runs" / yaml.safe_load(experiment.read_text())["name"]
+    try:
+        killed = _kill_workers_mid_epoch(driver, run_dir, kills, random.Random(seed))
+        assert driver.wait(timeout=400) == 0, (folder / "driver.log").read_text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    return run_dir, killed
 
 
-def _kill_workers_mid_epoch(folder: Path, driver: subprocess.Popen, run_dir: Path, kills: int,
-                            rng: random.Random) -> list[int]:
-    """SIGKILL the worker of a running trial ``kills`` times, each time shortly after it reported an epoch."""
+def _kill_workers_mid_epoch(driver: subprocess.Popen, run_dir: Path, kills: int, rng: random.Random) -> list[int]:
     killed: list[int] = []
     deadline = time.monotonic() + 300
     while len(killed) < kills and time.monotonic() < deadline and driver.poll() is None:
@@ -65,14 +74,7 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(slow_data):
     experiment = tiny_experiment(slow_data, name="fault", num_samples=1, max_concurrent=1, epochs=4,
                                  scheduler={"type": "none"}, data={"dir": str(slow_data / "idx"), "val_size": 300},
                                  space={"arch": "late", "width": 8, "hidden": 64, "lr": 0.005})
-    driver = _start(slow_data, experiment)
-    run_dir = slow_data / "runs" / "fault"
-    try:
-        killed = _kill_workers_mid_epoch(slow_data, driver, run_dir, kills=1, rng=random.Random(0))
-        assert driver.wait(timeout=300) == 0, (slow_data / "driver.log").read_text()[-3000:]
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
+    run_dir, killed = _sweep_with_kills(slow_data, experiment, kills=1, seed=0)
     assert len(killed) == 1
     (result,) = run_dir.glob("*/result.json")
     rows = [json.loads(line) for line in result.read_text().splitlines()]
@@ -90,14 +92,7 @@ def test_chaos_random_worker_kills_leave_complete_gap_free_histories(slow_data):
                                  data={"dir": str(slow_data / "idx"), "val_size": 300},
                                  space={"arch": {"choice": ["late", "pixel"]}, "width": 8, "hidden": 64,
                                         "lr": {"loguniform": [2e-3, 1e-2]}})
-    driver = _start(slow_data, experiment)
-    run_dir = slow_data / "runs" / "chaos"
-    try:
-        killed = _kill_workers_mid_epoch(slow_data, driver, run_dir, kills=3, rng=random.Random(1))
-        assert driver.wait(timeout=400) == 0, (slow_data / "driver.log").read_text()[-3000:]
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
+    run_dir, killed = _sweep_with_kills(slow_data, experiment, kills=3, seed=1)
     assert len(killed) >= 2
     trials = pd.read_csv(run_dir / "trials.csv")
     assert len(trials) == 4 and (trials["trial_status"] == "completed").all()

@@ -1,0 +1,127 @@
+"""Training throughput: dualnet's tensor pipeline against the original list-of-tuples DataLoader pipeline.
+
+One run, same model and machine:
+  original   torchvision dataset -> Python list of (image, one-hot, label, sum) -> DataLoader(128, shuffle) -> fp32
+  fp32       dualnet.fit, batches sliced from tensors, fp32, contiguous
+  bf16+cl    dualnet.fit, batches sliced from tensors, bf16 autocast, channels_last (the default)
+plus the achieved GFLOP/s of each against this machine's measured fp32 and bf16 matmul peak.
+
+    python benchmarks/throughput.py                 # speed only (1 epoch each)
+    python benchmarks/throughput.py --accuracy      # also 10-epoch joint accuracy of fp32 vs bf16+cl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+from dualnet import build_model, evaluate_split, fit, load_data
+from dualnet.train import TrainConfig
+
+
+def matmul_peak_gflops(dtype: torch.dtype, size: int = 1024, seconds: float = 3.0) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        count += 1
+    return 2 * size ** 3 * count / (time.perf_counter() - started) / 1e9
+
+
+def training_flops_per_image(config: TrainConfig) -> float:
+    """Forward FLOPs of one image, times 3 for forward + backward."""
+    model = build_model(config.arch, width=config.width, hidden=config.hidden, depth=config.depth)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(64, 28, 28, dtype=torch.uint8), torch.zeros(64, dtype=torch.long))
+    return 3 * counter.get_total_flops() / 64
+
+
+def original_pipeline_images_per_s(data, config: TrainConfig, max_batches: int | None) -> float:
+    """The original work's input path, timed over one epoch (or ``max_batches``)."""
+    torch.manual_seed(0)
+    numbers = data.train_numbers(0, 0)
+    pairs = []
+    for image, label, number in zip(data.train.images, data.train.labels, numbers):
+        one_hot = F.one_hot(number, 10).float()
+        pairs.append((image, one_hot, int(label), int(label + number)))
+    loader = DataLoader(pairs, batch_size=128, shuffle=True)
+    model = build_model(config.arch, width=config.width, hidden=config.hidden, depth=config.depth)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    model.train()
+    images_seen, started = 0, time.perf_counter()
+    for batch, (images, one_hot, labels, sums) in enumerate(loader):
+        if max_batches is not None and batch >= max_batches:
+            break
+        class_logits, sum_logits = model(images, one_hot.argmax(1))
+        loss = F.cross_entropy(class_logits, labels) + F.cross_entropy(sum_logits, sums)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        images_seen += len(labels)
+    return images_seen / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="late", choices=["late", "pixel"])
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--accuracy", action="store_true", help="train fp32 and bf16+cl for --epochs and compare")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    data = load_data()
+    base = dict(arch=args.arch, width=args.width, threads=args.threads, epochs=1, device=device)
+    variants = {"fp32": dict(precision="fp32", channels_last=False), "bf16+cl": dict(precision="bf16",
+                                                                                    channels_last=True)}
+    results: dict[str, dict] = {}
+    flops = training_flops_per_image(TrainConfig.from_dict(base))
+    peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)} \
+        if device == "cpu" else {}
+
+    results["original"] = {"images_per_s": original_pipeline_images_per_s(data, TrainConfig.from_dict(base), None)}
+    for name, extra in variants.items():
+        history = fit({**base, **extra}, data).history
+        results[name] = {"images_per_s": history[-1]["images_per_s"]}
+    for name, row in results.items():
+        row["ratio_vs_original"] = row["images_per_s"] / results["original"]["images_per_s"]
+        row["gflops"] = row["images_per_s"] * flops / 1e9
+
+    if args.accuracy:
+        for name, extra in variants.items():
+            result = fit({**base, **extra, "epochs": args.epochs}, data)
+            test = evaluate_split(result.model, data.test, result.config)
+            results[name].update(val_joint_acc=result.history[-1]["val_joint_acc"], test_joint_acc=test["joint_acc"])
+
+    report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {device}",
+              "torch": torch.__version__, "arch": args.arch, "width": args.width,
+              "training_mflop_per_image": flops / 1e6, "matmul_peak_gflops": peaks, "results": results}
+    print(f"{'pipeline':<10}{'images/s':>10}{'x original':>12}{'GFLOP/s':>10}{'val joint':>11}{'test joint':>11}")
+    for name, row in results.items():
+        val = f"{100 * row['val_joint_acc']:.2f}%" if "val_joint_acc" in row else "-"
+        test = f"{100 * row['test_joint_acc']:.2f}%" if "test_joint_acc" in row else "-"
+        print(f"{name:<10}{row['images_per_s']:>10,.0f}{row['ratio_vs_original']:>11.2f}x{row['gflops']:>10.1f}"
+              f"{val:>11}{test:>11}")
+    if peaks:
+        print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s; "
+              f"training costs {flops / 1e6:.1f} MFLOP per image")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
