@@ -137,3 +137,18 @@ def test_real_fashion_mnist_overlap_when_present():
         pytest.skip(f"real Fashion-MNIST not found: {exc}")
     assert train_images.shape == (60000, 28, 28)
     assert 0.5 < pixel_overlap_fraction(train_images) < 0.62
+
+
+def test_pickled_data_round_trips_through_numpy_buffers():
+    import pickle
+
+    data = make_data(*_tensors(), val_size=300, seed=0)
+    copy = pickle.loads(pickle.dumps(data, protocol=5))
+    for name in ("train", "val", "test"):
+        original, restored = getattr(data, name), getattr(copy, name)
+        assert torch.equal(original.images, restored.images) and torch.equal(original.labels, restored.labels)
+        assert (original.numbers is None) == (restored.numbers is None)
+    # Out-of-band buffers (what Ray's object store shares between workers) carry the images.
+    buffers = []
+    pickle.dumps(data, protocol=5, buffer_callback=buffers.append)
+    assert sum(b.raw().nbytes for b in buffers) >= data.train.images.numel()
