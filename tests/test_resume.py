@@ -10,6 +10,9 @@ import time
 
 import pandas as pd
 import pytest
+from optuna.trial import TrialState
+
+from tune.sweep import ORPHANED
 
 from .conftest import REPO
 from .sweeps import load_study, run_cli, sweep_env, tiny_experiment
@@ -56,8 +59,14 @@ def test_resume_after_driver_sigkill_keeps_finished_trials(tmp_path):
         epochs = [json.loads(line)["epoch"] for line in (run_dir / trial_id / "result.json").read_text().splitlines()]
         assert sorted(set(epochs)) == [1, 2, 3], (trial_id, epochs)
     study = load_study(run_dir, "resumable")
-    ray_ids = [t.user_attrs.get("ray_trial_id") for t in study.trials if t.state.is_finished()]
-    assert sorted(ray_ids) == sorted(trials["trial_id"]), "every trial must be in the study exactly once"
+    told = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert sorted(t.user_attrs["ray_trial_id"] for t in told) == sorted(trials["trial_id"]), \
+        "every trial must be in the study exactly once"
+    # A trial the driver had started but Ray had not yet recorded when it died is replaced; its
+    # Optuna trial is closed as FAIL and labelled, never left RUNNING or counted as a result.
+    for lost in (t for t in study.trials if t not in told):
+        assert lost.state == TrialState.FAIL and ORPHANED in lost.user_attrs
+        assert lost.user_attrs.get("ray_trial_id") not in set(trials["trial_id"])
 
 
 def test_resume_refuses_another_experiments_folder(tmp_path):
@@ -71,3 +80,21 @@ def test_resume_refuses_another_experiments_folder(tmp_path):
     assert again.returncode == 2 and "already holds a sweep" in again.stderr
     nothing = run_cli(tmp_path, "sweep", str(tiny_experiment(tmp_path, name="fresh")), "--resume")
     assert nothing.returncode == 2 and "holds no sweep" in nothing.stderr
+
+
+def test_orphaned_running_study_trials_are_closed_and_labelled(tmp_path):
+    import optuna
+
+    from tune.config import from_dict
+    from tune.search import study_storage
+    from tune.sweep import _close_orphaned_study_trials
+
+    experiment = from_dict({"name": "orphans", "space": {"arch": "late"}})
+    study = optuna.create_study(study_name="orphans", storage=study_storage(tmp_path), direction="maximize")
+    finished = study.ask()
+    study.tell(finished, 0.5)
+    study.ask()  # asked, then the driver died
+    _close_orphaned_study_trials(tmp_path, experiment)
+    done, lost = optuna.load_study(study_name="orphans", storage=study_storage(tmp_path)).trials
+    assert done.state == TrialState.COMPLETE and ORPHANED not in done.user_attrs
+    assert lost.state == TrialState.FAIL and ORPHANED in lost.user_attrs

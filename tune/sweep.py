@@ -194,16 +194,24 @@ def write_results(run_dir: Path, trials: pd.DataFrame, best: dict[str, Any] | No
                       + yaml.safe_dump(best, sort_keys=False))
 
 
-def _close_orphaned_study_trials(run_dir: Path, experiment: Experiment) -> None:
-    """Mark study trials still RUNNING after the sweep ended as FAIL.
+ORPHANED = "orphaned"
 
-    If the driver dies between Optuna's ``ask`` and Ray's next state snapshot, the resumed sweep
-    never hears of that Optuna trial again. Left alone it would stay RUNNING forever.
+
+def _close_orphaned_study_trials(run_dir: Path, experiment: Experiment) -> None:
+    """Mark study trials still RUNNING after the sweep ended as FAIL, labelled ``orphaned``.
+
+    If the driver dies after Optuna's ``ask`` but before Ray's next state snapshot, the resumed
+    sweep never hears of that trial again: Ray starts a replacement, so the sweep still runs
+    ``num_samples`` trials. Left alone, the lost one would stay RUNNING forever.
     """
     import optuna
 
-    study = optuna.load_study(study_name=experiment.name, storage=study_storage(run_dir))
+    storage = study_storage(run_dir)
+    study = optuna.load_study(study_name=experiment.name, storage=storage)
+    study_id = storage.get_study_id_from_name(experiment.name)
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        storage.set_trial_user_attr(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number), ORPHANED,
+                                    "the sweep driver died before Ray recorded this trial; a new trial replaced it")
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 
