@@ -67,3 +67,17 @@ def test_output_is_a_clean_progress_table(sweep):
     assert "Checkpoint successfully created" not in out
     deprecations = [line for line in out.splitlines() if re.search("deprecat", line, re.I) and "ray" in line.lower()]
     assert not deprecations, deprecations
+
+
+def test_grid_searcher_runs_each_design_once(tmp_path):
+    """The replication recipe (experiments/seed.yaml) uses a grid over the designs with everything else fixed."""
+    from .sweeps import run_cli, tiny_experiment
+
+    experiment = tiny_experiment(tmp_path, name="grid", num_samples=2, epochs=1, searcher={"type": "grid"},
+                                 scheduler={"type": "none"},
+                                 space={"arch": {"choice": ["late", "pixel"]}, "width": 4, "hidden": 32, "lr": 0.003})
+    proc = run_cli(tmp_path, "sweep", str(experiment))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = pd.read_csv(tmp_path / "runs" / "grid" / "trials.csv")
+    assert sorted(trials["config/arch"]) == ["late", "pixel"]
+    assert (trials["config/lr"] == 0.003).all()

@@ -273,8 +273,7 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
             run_dir.mkdir(parents=True, exist_ok=True)
             _write_atomic(run_dir / EXPERIMENT_FILE, yaml.safe_dump(experiment.to_dict(), sort_keys=False))
         trainable = tune.with_resources(tune.with_parameters(train_trial, data=data), trial_resources(experiment))
-        progress = ProgressTable(experiment, enabled=verbose)
-        if resume:
+        if resume:  # the restored run config brings back its own progress table
             tuner = tune.Tuner.restore(str(Path(storage_path) / experiment.name) if not is_uri(storage_path)
                                        else f"{storage_path.rstrip('/')}/{experiment.name}",
                                        trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -288,7 +287,8 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
                     num_samples=experiment.num_samples, time_budget_s=experiment.time_budget_s,
                     reuse_actors=True, trial_dirname_creator=lambda trial: trial.trial_id),
                 run_config=tune.RunConfig(
-                    name=experiment.name, storage_path=storage_path, verbose=0, callbacks=[progress],
+                    name=experiment.name, storage_path=storage_path, verbose=0,
+                    callbacks=[ProgressTable(experiment, enabled=verbose)],
                     failure_config=tune.FailureConfig(max_failures=experiment.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
             )
@@ -297,7 +297,13 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
         if own_ray:
             ray.shutdown()
     trials = summarize(results, experiment)
-    _close_orphaned_study_trials(run_dir, experiment)
+    finished = results.num_terminated + results.num_errors == len(results) >= experiment.num_samples
+    if finished:
+        # Only now is a RUNNING study trial surely an orphan; after Ctrl+C or a time budget
+        # cut, unfinished trials continue on --resume.
+        _close_orphaned_study_trials(run_dir, experiment)
+    else:
+        trials.loc[trials["trial_status"] == "stopped_early", "trial_status"] = "unfinished"
     best_row = pick_best(trials, experiment)
     best = best_config(best_row, experiment) if best_row is not None else None
     write_results(run_dir, trials, best)
@@ -308,6 +314,9 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
         counts = trials["trial_status"].value_counts().to_dict() if not trials.empty else {}
         print(f"\n{len(trials)} trials ({', '.join(f'{v} {k}' for k, v in counts.items())}) in "
               f"{wall_s / 60:.1f} min; results in {run_dir}")
+        if not finished:
+            print(f"the sweep stopped before all {experiment.num_samples} trials finished; "
+                  f"continue it with --resume", file=sys.stderr)
         print(f"study: optuna.load_study(study_name={experiment.name!r}, storage=JournalStorage("
               f"JournalFileBackend({str(run_dir / STUDY_FILE)!r})))")
     return SweepOutcome(str(run_dir), trials, best, wall_s)
