@@ -79,20 +79,23 @@ def test_jobs_api_runs_a_sweep_on_a_loopback_head(tmp_path):
     experiment = tiny_experiment(tmp_path, name="viajobs", num_samples=2, epochs=1)
     shared = tmp_path / "shared"
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port, dashboard_port = _free_port(), _free_port()
+    # Free ports for everything the Jobs API needs: the agent's default HTTP port (52365) is taken
+    # by any other Ray on the machine, and then no agent can accept the job.
+    port, dashboard_port, agent_port = _free_port(), _free_port(), _free_port()
     env = {**sweep_env(tmp_path), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            # Ray's token authentication stays on: the head, the job and the client share a fresh token.
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     start = subprocess.run(
         ["ray", "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard_port}", "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}",
+         f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={agent_port}",
+         "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}",
          "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=120)
     try:
         assert start.returncode == 0, start.stderr[-2000:]
         # `ray job submit` waits for the job and exits non-zero unless it SUCCEEDED. The head's job
         # agent comes up a few seconds after `ray start` returns; until then submissions bounce.
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 120
         while True:
             submit = subprocess.run(
                 ["ray", "job", "submit", f"--address=http://127.0.0.1:{dashboard_port}", f"--working-dir={REPO}",
