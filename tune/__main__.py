@@ -94,9 +94,8 @@ def analyze_command(args: argparse.Namespace) -> int:
 
 
 def best_command(args: argparse.Namespace) -> int:
-    import yaml
-
     from . import analysis
+    from .sweep import write_config_file
 
     sweep = analysis.load(args.run_dir)
     rows = sweep.best(by=args.by)
@@ -108,11 +107,7 @@ def best_command(args: argparse.Namespace) -> int:
     meta = {"run": str(args.run_dir), "metric": sweep.metric,
             "trials": {row["trial_id"]: float(row[f"last_{sweep.metric}"]) for _, row in rows.iterrows()},
             "note": "validation metrics; confirm on test with python -m tune confirm"}
-    body = {"configs": configs, "meta": meta} if len(configs) > 1 else {**configs[0], "meta": meta}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_name(f".{args.output.name}.tmp")
-    tmp.write_text(yaml.safe_dump(body, sort_keys=False))
-    tmp.replace(args.output)
+    write_config_file(args.output, configs, meta)
     print(f"wrote {args.output} ({len(configs)} config(s))")
     return 0
 

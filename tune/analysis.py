@@ -22,10 +22,9 @@ import yaml
 
 from .config import ConfigError, Experiment, from_dict
 from .search import STUDY_FILE, study_storage
+from .sweep import EXPERIMENT_FILE, MACHINE_KEYS, trial_status
 
-EXPERIMENT_FILE = "experiment.yaml"
 VAL_METRICS = ("val_joint_acc", "val_class_acc", "val_sum_acc", "val_loss")
-HARNESS_COLUMNS = ("threads", "device")
 
 
 class AnalysisError(ValueError):
@@ -51,17 +50,11 @@ def _study_states(run_dir: Path, name: str) -> dict[str, optuna.trial.FrozenTria
 
 
 def _status(rows: list[dict], ot_trial: optuna.trial.FrozenTrial | None, epochs: int, errored: bool) -> str:
-    last = rows[-1] if rows else {}
-    if last.get("status") == "diverged":
-        return "diverged"
+    """``trial_status`` with what the run folder knows: the study says whether a trial failed or was pruned."""
     failed = ot_trial is not None and ot_trial.state == optuna.trial.TrialState.FAIL
-    if failed or (errored and (ot_trial is None or not ot_trial.state.is_finished())):
-        return "errored"
-    if last.get("epoch", 0) >= epochs:
-        return "completed"
-    if ot_trial is not None and ot_trial.state == optuna.trial.TrialState.PRUNED:
-        return "stopped_early"
-    return "running"
+    errored = failed or (errored and (ot_trial is None or not ot_trial.state.is_finished()))
+    pruned = ot_trial is not None and ot_trial.state == optuna.trial.TrialState.PRUNED
+    return trial_status(rows[-1] if rows else {}, epochs, errored, ended=pruned)
 
 
 @dataclass
@@ -176,7 +169,7 @@ def _load_one(run_dir: Path) -> tuple[Experiment, pd.DataFrame, pd.DataFrame]:
         trial_id = rows[-1]["trial_id"] if rows else trial_dir.name
         status = _status(rows, studies.get(trial_id), experiment.epochs, (trial_dir / "error.txt").exists())
         record = {"trial_id": trial_id, "status": status,
-                  **{k: v for k, v in config.items() if k not in HARNESS_COLUMNS},
+                  **{k: v for k, v in config.items() if k not in MACHINE_KEYS},
                   "epochs_run": rows[-1]["epoch"] if rows else 0,
                   "wall_s": rows[-1].get("time_total_s") if rows else None,
                   "node_ip": rows[-1].get("node_ip") if rows else None}

@@ -127,14 +127,23 @@ def _check_resources(experiment: Experiment, available: dict[str, float]) -> Non
                              f"{have:g}; lower --{key}s-per-trial or add nodes")
 
 
-def _trial_status(row: pd.Series, epochs: int) -> str:
-    if row.get("status") == "diverged":
+# Settings the harness sets per trial; they describe the machine, not the config worth keeping.
+MACHINE_KEYS = ("threads", "device")
+
+
+def trial_status(last: dict, epochs: int, errored: bool, ended: bool) -> str:
+    """Classify a trial from its last reported result; the one rule the sweep and the analysis share.
+
+    ``ended`` says the trial will not run again (the scheduler stopped it, or the sweep finished).
+    Returns ``diverged``, ``errored``, ``completed``, ``stopped_early`` or ``running``.
+    """
+    if last.get("status") == "diverged":
         return "diverged"
-    if isinstance(row.get("error"), str) and row["error"]:
+    if errored:
         return "errored"
-    if row.get("epoch", 0) >= epochs:
+    if last.get("epoch", 0) >= epochs:
         return "completed"
-    return "stopped_early"
+    return "stopped_early" if ended else "running"
 
 
 def summarize(results, experiment: Experiment) -> pd.DataFrame:
@@ -144,7 +153,8 @@ def summarize(results, experiment: Experiment) -> pd.DataFrame:
     if frame.empty:
         return frame
     frame["error"] = frame["trial_id"].map(errors).fillna("")
-    frame["trial_status"] = frame.apply(_trial_status, axis=1, epochs=experiment.epochs)
+    frame["trial_status"] = [trial_status(row, experiment.epochs, bool(row["error"]), ended=True)
+                             for row in frame.to_dict("records")]
     return frame
 
 
@@ -160,13 +170,22 @@ def pick_best(trials: pd.DataFrame, experiment: Experiment) -> pd.Series | None:
 
 
 def best_config(row: pd.Series, experiment: Experiment) -> dict[str, Any]:
-    """A training config file body that ``python -m dualnet train --config`` accepts."""
+    """The best trial's training settings (``config``) and where they came from (``meta``)."""
     config = {k.removeprefix("config/"): v for k, v in row.items() if k.startswith("config/")}
     config = {k: (v.item() if hasattr(v, "item") else v) for k, v in config.items()
-              if k not in ("threads", "device")}
-    return {**config, "meta": {"experiment": experiment.name, "trial_id": row["trial_id"],
+              if k not in MACHINE_KEYS}
+    return {"config": config, "meta": {"experiment": experiment.name, "trial_id": row["trial_id"],
                                experiment.metric: float(row[experiment.metric]), "epochs_run": int(row["epoch"]),
                                "note": "validation metric from the sweep; confirm on the test set"}}
+
+
+def write_config_file(path: Path, configs: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    """Write training configs atomically in the format ``dualnet train --config`` and ``tune confirm`` read:
+    one mapping for a single config, ``configs:`` for several, with ``meta`` beside them."""
+    body = {"configs": configs, "meta": meta} if len(configs) > 1 else {**configs[0], "meta": meta}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, "# Train with: python -m dualnet train --config THIS_FILE, or check with python -m tune "
+                        "confirm THIS_FILE\n" + yaml.safe_dump(body, sort_keys=False))
 
 
 def leaderboard(trials: pd.DataFrame, experiment: Experiment, top: int = 5) -> str:
@@ -189,9 +208,7 @@ def write_results(run_dir: Path, trials: pd.DataFrame, best: dict[str, Any] | No
         writer(tmp)
         os.replace(tmp, run_dir / name)
     if best is not None:
-        _write_atomic(run_dir / "best_config.yaml",
-                      "# Best trial of the sweep; train it with: python -m dualnet train --config THIS_FILE\n"
-                      + yaml.safe_dump(best, sort_keys=False))
+        write_config_file(run_dir / "best_config.yaml", [best["config"]], best["meta"])
 
 
 ORPHANED = "orphaned"
