@@ -5,24 +5,21 @@
   (c) ideal                         sum of (a)'s trial training times / slots
 
 Every trial trains the same fixed recipe (only the design alternates), so the three do the same work.
+The harness's extra time is split into start-up (launch to first trial start), per-trial and
+per-report costs, and shutdown (last report to exit, which includes writing the result files).
 
-    python benchmarks/overhead.py                    # K=4 trials x E=2 epochs, 2 slots, ~30 s trials
+    python benchmarks/overhead.py                    # K=8 trials x E=2 epochs on all 50k images, 2 slots
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
-REPO = Path(__file__).resolve().parent.parent
+from common import machine, run_sweep, trial_start, write_report
 
 
 def optuna_process(journal: str, n_trials: int, recipe: dict, data_kwargs: dict, threads: int) -> None:
@@ -46,10 +43,11 @@ def optuna_process(journal: str, n_trials: int, recipe: dict, data_kwargs: dict,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--slots", type=int, default=2)
-    parser.add_argument("--train-subset", type=int, default=25000, help="sets the trial length (~15 s/epoch here)")
+    parser.add_argument("--train-subset", type=int, default=None,
+                        help="training images per epoch (default all 50k: ~25 s epochs on one core here)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/overhead.json"))
     args = parser.parse_args()
     recipe = {"width": 16, "hidden": 256, "epochs": args.epochs, "batch_size": 128, "lr": 5e-3}
@@ -59,21 +57,16 @@ def main() -> None:
     # (a) through the harness
     experiment = {"name": "overhead", "num_samples": args.trials, "max_concurrent": args.slots, "epochs": args.epochs,
                   "searcher": {"type": "random"}, "scheduler": {"type": "none"}, "resources": {"cpu": 1},
-                  "data": data_kwargs, "storage": str(work / "runs"),
+                  "data": data_kwargs,
                   "space": {"arch": {"choice": ["late", "pixel"]},
                             **{k: v for k, v in recipe.items() if k != "epochs"}}}
-    (work / "overhead.yaml").write_text(yaml.safe_dump(experiment))
-    harness_started = time.time()
-    subprocess.run([sys.executable, "-m", "tune", "sweep", str(work / "overhead.yaml"), "--quiet"], cwd=REPO,
-                   check=True, stdout=subprocess.DEVNULL)
-    harness_wall = time.time() - harness_started
-    rows = []
-    for result in (work / "runs" / "overhead").glob("*/result.json"):
-        rows.append([json.loads(line) for line in result.read_text().splitlines()])
-    train_s = [sum(r["epoch_s"] for r in trial) for trial in rows]
-    first_start = min(trial[0]["timestamp"] - trial[0]["time_this_iter_s"] for trial in rows)
-    per_report = [r["time_this_iter_s"] - r["epoch_s"] for trial in rows for r in trial]
+    launched_at, harness_wall, trials = run_sweep(experiment, work)
+    train_s = [sum(r["epoch_s"] for r in rows) for rows in trials]
+    first_start = min(trial_start(rows) for rows in trials)
+    last_report = max(rows[-1]["timestamp"] for rows in trials)
+    per_report = [r["time_this_iter_s"] - r["epoch_s"] for rows in trials for r in rows]
     ideal = sum(train_s) / args.slots
+    running = last_report - first_start  # from the first trial's start to the last report
 
     # (b) plain Optuna across processes
     import optuna
@@ -92,17 +85,27 @@ def main() -> None:
         p.join()
     plain_wall = time.time() - started
 
-    startup = first_start - harness_started
-    report = {"trials": args.trials, "epochs": args.epochs, "slots": args.slots,
-              "mean_trial_train_s": sum(train_s) / len(train_s),
+    report = {"machine": machine(), "command": "python benchmarks/overhead.py " + " ".join(
+                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None),
+              "trials": args.trials, "epochs": args.epochs, "slots": args.slots,
+              "mean_trial_train_s": sum(train_s) / len(train_s), "min_trial_train_s": min(train_s),
               "harness_wall_s": harness_wall, "plain_optuna_wall_s": plain_wall, "ideal_wall_s": ideal,
               "harness_over_plain": harness_wall / plain_wall, "harness_over_ideal": harness_wall / ideal,
-              "harness_startup_s": startup,
-              "harness_per_trial_s": (harness_wall - startup - ideal) * args.slots / args.trials,
+              "running_over_ideal": running / ideal,
+              "harness_startup_s": first_start - launched_at,
+              "harness_shutdown_s": launched_at + harness_wall - last_report,
+              "harness_per_trial_s": (running - ideal) * args.slots / args.trials,
               "harness_per_report_s": sum(per_report) / len(per_report)}
-    print(json.dumps(report, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    print(f"{args.trials} trials x {args.epochs} epochs at {args.slots} slots, "
+          f"{report['mean_trial_train_s']:.0f} s of training per trial")
+    print(f"(a) harness      {harness_wall:7.1f} s   (a)/(b) {report['harness_over_plain']:.3f}   "
+          f"(a)/(c) {report['harness_over_ideal']:.3f}")
+    print(f"(b) plain Optuna {plain_wall:7.1f} s")
+    print(f"(c) ideal        {ideal:7.1f} s")
+    print(f"harness time: start-up {report['harness_startup_s']:.1f} s, shutdown {report['harness_shutdown_s']:.1f} s,"
+          f" per trial {report['harness_per_trial_s']:.2f} s, per report {report['harness_per_report_s']:.3f} s; "
+          f"first trial start to last report = {report['running_over_ideal']:.3f} x ideal")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,71 @@
+"""What the sweep benchmarks share: run ``python -m tune sweep`` on a generated experiment, read its trials."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def machine() -> str:
+    """One line naming the hardware and software a result was measured on."""
+    import torch
+
+    return (f"{platform.machine()}, {os.cpu_count()} cores, "
+            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2 ** 30:.0f} GiB RAM, "
+            f"torch {torch.__version__}, python {platform.python_version()}")
+
+
+def run_sweep(experiment: dict[str, Any], work: Path, args: tuple[str, ...] = (),
+              while_running: Callable[[int], None] | None = None) -> tuple[float, float, list[list[dict]]]:
+    """Run ``python -m tune sweep`` on ``experiment`` (an experiment-file mapping) as a user would.
+
+    ``experiment["storage"]`` is set to ``work/runs``. ``while_running(pid)`` is called about
+    twice a second while the sweep runs (memory sampling).
+
+    Returns:
+        (launch time as ``time.time()``, wall seconds of the command, each trial's reported results).
+
+    Raises:
+        subprocess.CalledProcessError: the sweep command failed.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    experiment = {**experiment, "storage": str(work / "runs")}
+    path = work / f"{experiment['name']}.yaml"
+    path.write_text(yaml.safe_dump(experiment))
+    launched_at, started = time.time(), time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "tune", "sweep", str(path), "--quiet", *args], cwd=REPO,
+                               stdout=subprocess.DEVNULL)
+    while process.poll() is None:
+        if while_running is not None:
+            while_running(process.pid)
+        time.sleep(0.5)
+    wall = time.perf_counter() - started
+    if process.returncode != 0:
+        raise subprocess.CalledProcessError(process.returncode, process.args)
+    trials = [[json.loads(line) for line in result.read_text().splitlines()]
+              for result in sorted((work / "runs" / experiment["name"]).glob("*/result.json"))]
+    return launched_at, wall, [t for t in trials if t]
+
+
+def trial_start(rows: list[dict]) -> float:
+    """Wall-clock time a trial's training began (its first report minus that report's duration)."""
+    return rows[0]["timestamp"] - rows[0]["time_this_iter_s"]
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """Write ``report`` as JSON, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, path)
+    print(f"wrote {path}")
