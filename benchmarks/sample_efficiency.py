@@ -1,0 +1,152 @@
+"""Sample efficiency: TPE + ASHA against random search without early stopping, at an equal budget of epochs.
+
+Both run through ``python -m tune sweep`` on the same space, once per searcher seed. Every epoch a
+trial trains counts against the budget, whether or not ASHA later stops the trial. For each run the
+curve is the best validation joint accuracy reported so far against the epochs spent so far.
+
+The target is fixed from the random runs alone, before the two are compared: the 90th percentile of
+the final accuracies of all random trials (each trained to the full budget), i.e. "find a top-10%
+configuration of this space".
+
+The space is wide on purpose, as a user would set it before knowing good values: learning rates over
+three decades, SGD or AdamW, constant or OneCycle schedules. The problem is shrunk (a training subset,
+4 epochs) so that 3 seeds x 2 searchers fit in about 20 minutes on 2 cores.
+
+    python benchmarks/sample_efficiency.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from common import machine, run_sweep, write_report
+
+SPACE = {
+    "arch": {"choice": ["late", "pixel"]},
+    "lr": {"loguniform": [1.0e-4, 1.0e-1]},
+    "optimizer": {"choice": ["adamw", "sgd"]},
+    "schedule": {"choice": ["onecycle", "constant"]},
+    "width": {"choice": [8, 16]},
+    "hidden": {"choice": [128, 256]},
+    "dropout": {"uniform": [0.0, 0.5]},
+    "weight_decay": {"loguniform": [1.0e-6, 1.0e-1]},
+    "batch_size": {"choice": [32, 64, 128]},
+}
+
+
+def best_so_far(trials: list[list[dict]], metric: str) -> list[tuple[int, float]]:
+    """(epochs spent, best metric reported so far) after every report, in the order reports happened."""
+    reports = sorted((r["timestamp"], r.get(metric, 0.0)) for rows in trials for r in rows)
+    curve, best = [], 0.0
+    for spent, (_, value) in enumerate(reports, start=1):
+        best = max(best, value)
+        curve.append((spent, best))
+    return curve
+
+
+def epochs_to(curve: list[tuple[int, float]], target: float, budget: int) -> int | None:
+    """The epochs spent when the curve first reached ``target`` within ``budget``; None if it never did."""
+    return next((spent for spent, best in curve if best >= target and spent <= budget), None)
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def plot(curves: dict[str, list[list[tuple[int, float]]]], target: float, budget: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (label, runs), color in zip(curves.items(), ("tab:blue", "tab:orange")):
+        for i, curve in enumerate(runs):
+            xs, ys = zip(*[(s, 100 * b) for s, b in curve if s <= budget])
+            ax.step(xs, ys, where="post", color=color, alpha=0.8, label=label if i == 0 else None)
+    ax.axhline(100 * target, color="gray", linestyle="--", label=f"target {100 * target:.2f}%")
+    ax.set_xlabel("epochs spent (all trials)")
+    ax.set_ylabel("best validation joint accuracy so far (%)")
+    low = min((100 * b for runs in curves.values() for c in runs for s, b in c if s >= 4 and b > 0), default=0.0)
+    ax.set_ylim(max(0, low - 5), 100 * target + 3)
+    ax.set_xlim(0, budget)
+    ax.legend(loc="lower right")
+    ax.set_title("TPE + ASHA vs random search (one line per searcher seed)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3, help="searcher seeds 0..N-1")
+    parser.add_argument("--epochs", type=int, default=4, help="full budget of one trial")
+    parser.add_argument("--budget", type=int, default=64, help="epochs per search (all trials together)")
+    parser.add_argument("--train-subset", type=int, default=12000)
+    parser.add_argument("--val-size", type=int, default=3000)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sample_efficiency.json"))
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="sample-efficiency-"))
+    common: dict[str, Any] = {"max_concurrent": 2, "epochs": args.epochs, "resources": {"cpu": 1},
+                              "data": {"train_subset": args.train_subset, "val_size": args.val_size},
+                              "space": SPACE}
+    searches = {
+        # Random search trains every trial to the full budget: budget / epochs trials.
+        "random": {"num_samples": args.budget // args.epochs, "searcher": {"type": "random"},
+                   "scheduler": {"type": "none"}},
+        # ASHA stops most trials after 1-2 epochs, so the same budget buys more trials; runs past
+        # the budget are cut off when the curves are compared.
+        "tpe+asha": {"num_samples": args.budget // 2, "searcher": {"type": "tpe", "n_startup_trials": 8},
+                     "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2}},
+    }
+    curves: dict[str, list[list[tuple[int, float]]]] = {name: [] for name in searches}
+    random_finals: list[float] = []
+    trials_run: dict[str, list[int]] = {name: [] for name in searches}
+    for seed in range(args.seeds):
+        for name, search in searches.items():
+            experiment = {**common, **search, "name": f"{name.replace('+', '-')}-seed{seed}", "seed": seed}
+            _, wall, trials = run_sweep(experiment, work)
+            curves[name].append(best_so_far(trials, "val_joint_acc"))
+            trials_run[name].append(len(trials))
+            if name == "random":
+                random_finals += [rows[-1].get("val_joint_acc", 0.0) for rows in trials]
+            print(f"seed {seed} {name:<9} {len(trials):3d} trials, {curves[name][-1][-1][0]:3d} epochs, "
+                  f"best {100 * curves[name][-1][-1][1]:.2f}%, {wall / 60:.1f} min", flush=True)
+
+    target = quantile(random_finals, 0.9)
+    results = {}
+    for name, runs in curves.items():
+        needed = [epochs_to(curve, target, args.budget) for curve in runs]
+        at_budget = [max((b for s, b in curve if s <= args.budget), default=0.0) for curve in runs]
+        results[name] = {"epochs_to_target": needed, "trials": trials_run[name],
+                         "best_at_budget": at_budget, "mean_best_at_budget": statistics.mean(at_budget)}
+    # A run that never reaches the target counts as needing more than the budget (reported as budget + 1).
+    def typical(name: str) -> float:
+        return statistics.median(n if n is not None else args.budget + 1 for n in results[name]["epochs_to_target"])
+
+    ratio = typical("tpe+asha") / typical("random")
+    report = {"machine": machine(), "command": "python benchmarks/sample_efficiency.py", "settings": vars(args)
+              | {"out": str(args.out)}, "space": SPACE, "searches": searches, "target_val_joint_acc": target,
+              "results": results, "median_epochs_ratio_tpe_asha_over_random": ratio}
+    print(f"\ntarget: {100 * target:.2f}% validation joint accuracy (90th percentile of "
+          f"{len(random_finals)} fully trained random configs)")
+    print(f"{'search':<10}{'epochs to target, per seed':>30}{'median':>8}{'best at budget (mean)':>24}")
+    for name, row in results.items():
+        needed = ", ".join(str(n) if n is not None else f">{args.budget}" for n in row["epochs_to_target"])
+        print(f"{name:<10}{needed:>30}{typical(name):>8g}{100 * row['mean_best_at_budget']:>23.2f}%")
+    print(f"TPE + ASHA needs {ratio:.2f}x the epochs of random search to reach the target (median over seeds)")
+    plot(curves, target, args.budget, args.out.with_suffix(".png"))
+    write_report(args.out, report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The benchmarks' own arithmetic and measurements (not their timings, which only the scripts report)."""
+
+import os
+import subprocess
+import sys
+import time
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import concurrency  # noqa: E402
+import sample_efficiency  # noqa: E402
+
+
+def report(timestamp: float, value: float) -> dict:
+    return {"timestamp": timestamp, "val_joint_acc": value}
+
+
+def test_best_so_far_counts_epochs_in_the_order_they_happened():
+    trials = [[report(1, 0.2), report(3, 0.5)], [report(2, 0.4), report(4, 0.3), report(5, 0.7)]]
+    assert sample_efficiency.best_so_far(trials, "val_joint_acc") == [(1, 0.2), (2, 0.4), (3, 0.5), (4, 0.5),
+                                                                      (5, 0.7)]
+
+
+def test_epochs_to_target_respects_the_budget():
+    curve = [(1, 0.2), (2, 0.4), (3, 0.5), (4, 0.5), (5, 0.7)]
+    assert sample_efficiency.epochs_to(curve, 0.5, budget=5) == 3
+    assert sample_efficiency.epochs_to(curve, 0.7, budget=4) is None
+    assert sample_efficiency.epochs_to(curve, 0.9, budget=5) is None
+
+
+@pytest.mark.parametrize("q", [0.0, 0.5, 0.9, 1.0])
+def test_quantile_matches_numpy(q):
+    values = [0.31, 0.9, 0.12, 0.55, 0.77, 0.4, 0.62]
+    assert sample_efficiency.quantile(values, q) == pytest.approx(np.quantile(values, q))
+
+
+def test_shared_memory_mapped_by_a_process_is_counted():
+    block = shared_memory.SharedMemory(create=True, size=8 * 2 ** 20)
+    try:
+        np.ndarray((8 * 2 ** 20,), dtype=np.uint8, buffer=block.buf)[:] = 1  # touch every page
+        assert concurrency.shm_rss_kib(str(os.getpid())) >= 8 * 1024
+        assert concurrency.rollup(str(os.getpid()))["Rss"] >= 8 * 2 ** 20
+    finally:
+        block.close()
+        block.unlink()
+
+
+def test_descendants_finds_grandchildren():
+    child = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; "
+                              "subprocess.run([sys.executable, '-c', 'import time; time.sleep(30)'])"])
+    try:
+        for _ in range(100):
+            found = concurrency.descendants(os.getpid())
+            if len(found) >= 2:
+                break
+            time.sleep(0.1)
+        assert str(child.pid) in found
+        assert len(found) >= 2  # the child and the grandchild it started
+    finally:
+        for pid in concurrency.descendants(child.pid):
+            os.kill(int(pid), 9)
+        child.kill()
+        child.wait()
