@@ -5,8 +5,10 @@ One run, same model and machine:
   fp32       dualnet.fit, batches sliced from tensors, fp32, contiguous
   bf16+cl    dualnet.fit, batches sliced from tensors, bf16 autocast, channels_last (the default)
 plus the achieved GFLOP/s of each against this machine's measured fp32 and bf16 matmul peak.
+Each pipeline is timed over one epoch after a short warm-up of its own (the first batches pay for
+one-time kernel selection, which would otherwise count against whichever pipeline uses new kernels).
 
-    python benchmarks/throughput.py                 # speed only (1 epoch each)
+    python benchmarks/throughput.py                 # speed only (1 epoch each, after a warm-up)
     python benchmarks/throughput.py --accuracy      # also 10-epoch joint accuracy of fp32 vs bf16+cl
 """
 
@@ -53,8 +55,11 @@ def training_flops_per_image(config: TrainConfig) -> float:
     return 3 * counter.get_total_flops() / 64
 
 
+WARMUP_BATCHES = 20
+
+
 def original_pipeline_images_per_s(data, config: TrainConfig, device: str) -> float:
-    """The original work's input path, timed over one epoch.
+    """The original work's input path, timed over one epoch after ``WARMUP_BATCHES`` untimed batches.
 
     On a GPU the model runs there and each batch is copied over from the DataLoader, as the original did.
     """
@@ -68,15 +73,23 @@ def original_pipeline_images_per_s(data, config: TrainConfig, device: str) -> fl
     model = build_model(config.arch, width=config.width, hidden=config.hidden, depth=config.depth).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     model.train()
-    images_seen, started = 0, time.perf_counter()
-    for images, one_hot, labels, sums in loader:
+
+    def step(images, one_hot, labels, sums) -> None:
         images, one_hot, labels, sums = (t.to(device) for t in (images, one_hot, labels, sums))
         class_logits, sum_logits = model(images, one_hot.argmax(1))
         loss = F.cross_entropy(class_logits, labels) + F.cross_entropy(sum_logits, sums)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        images_seen += len(labels)
+
+    for batch, tensors in enumerate(loader):
+        if batch == WARMUP_BATCHES:
+            break
+        step(*tensors)
+    images_seen, started = 0, time.perf_counter()
+    for tensors in loader:
+        step(*tensors)
+        images_seen += len(tensors[2])
     if device != "cpu":
         torch.cuda.synchronize()
     return images_seen / (time.perf_counter() - started)
@@ -104,7 +117,9 @@ def main() -> None:
 
     original = original_pipeline_images_per_s(data, TrainConfig.from_dict(base), device)
     results["original"] = {"images_per_s": original}
+    warmup = load_data(val_size=0, train_subset=WARMUP_BATCHES * 128)
     for name, extra in variants.items():
+        fit({**base, **extra}, warmup)
         history = fit({**base, **extra}, data).history
         results[name] = {"images_per_s": history[-1]["images_per_s"]}
     for name, row in results.items():
