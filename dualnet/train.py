@@ -166,9 +166,7 @@ def pick_device(name: str) -> torch.device:
 
 def _optimizer(config: TrainConfig, model: DualNet) -> torch.optim.Optimizer:
     if config.optimizer == "adamw":
-        # The fused kernel updates all parameters in one call instead of a Python loop of small ops:
-        # about 5% more training images/s on 2 CPU threads (benchmarks/throughput.py).
-        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0,
                            weight_decay=config.weight_decay)
 
