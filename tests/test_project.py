@@ -31,7 +31,11 @@ def test_ci_runs_exactly_the_readme_test_command():
     quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     commands = re.findall(r"```(?:bash|sh)?\n(.*?)\n```", quick_start, re.S)
     assert len(commands) == 2, "Quick start must hold exactly two commands"
-    test_command = commands[1].strip()
-    ci = (REPO / ".ci" / "run").read_text()
-    assert test_command in ci.splitlines(), "CI must run the README's test command verbatim"
+    test_lines = commands[1].strip().splitlines()
+    assert test_lines[-1].startswith("pytest"), "the README's test command must end by running pytest"
+    ci_lines = (REPO / ".ci" / "run").read_text().splitlines()
+    ci = "\n".join(ci_lines)
+    assert test_lines[0] in ci_lines, "CI must run the README's test command verbatim"
+    start = ci_lines.index(test_lines[0])
+    assert ci_lines[start:start + len(test_lines)] == test_lines, "CI must run the README's test command verbatim"
     assert "apt-get install -y dataset-fashion-mnist" in ci
