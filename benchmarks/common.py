@@ -25,7 +25,7 @@ def machine() -> str:
             f"torch {torch.__version__}, python {platform.python_version()}")
 
 
-def run_sweep(experiment: dict[str, Any], work: Path, args: tuple[str, ...] = (),
+def run_sweep_command(experiment: dict[str, Any], work: Path, args: tuple[str, ...] = (),
               while_running: Callable[[int], None] | None = None) -> tuple[float, float, list[list[dict]]]:
     """Run ``python -m tune sweep`` on ``experiment`` (an experiment-file mapping) as a user would.
 

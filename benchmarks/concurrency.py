@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine, run_sweep, trial_start, write_report
+from common import machine, run_sweep_command, trial_start, write_report
 
 TRIAL_PROCESS = "ray::ImplicitFunc"  # the name Ray gives a function trainable's worker
 
@@ -135,7 +135,7 @@ def main() -> None:
             cluster.wait_for_nodes()
             extra = ("--address", cluster.address)
         try:
-            _, wall, trials = run_sweep(experiment, work, extra, while_running=sampler.sample)
+            _, wall, trials = run_sweep_command(experiment, work, extra, while_running=sampler.sample)
         finally:
             if cluster is not None:
                 cluster.shutdown()

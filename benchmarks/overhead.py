@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine, run_sweep, trial_start, write_report
+from common import machine, run_sweep_command, trial_start, write_report
 
 
 def optuna_process(journal: str, n_trials: int, recipe: dict, data_kwargs: dict, threads: int) -> None:
@@ -60,7 +60,7 @@ def main() -> None:
                   "data": data_kwargs,
                   "space": {"arch": {"choice": ["late", "pixel"]},
                             **{k: v for k, v in recipe.items() if k != "epochs"}}}
-    launched_at, harness_wall, trials = run_sweep(experiment, work)
+    launched_at, harness_wall, trials = run_sweep_command(experiment, work)
     train_s = [sum(r["epoch_s"] for r in rows) for rows in trials]
     first_start = min(trial_start(rows) for rows in trials)
     last_report = max(rows[-1]["timestamp"] for rows in trials)

@@ -23,7 +23,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import machine, run_sweep, write_report
+import numpy as np
+
+from common import machine, run_sweep_command, write_report
 
 SPACE = {
     "arch": {"choice": ["late", "pixel"]},
@@ -51,14 +53,6 @@ def best_so_far(trials: list[list[dict]], metric: str) -> list[tuple[int, float]
 def epochs_to(curve: list[tuple[int, float]], target: float, budget: int) -> int | None:
     """The epochs spent when the curve first reached ``target`` within ``budget``; None if it never did."""
     return next((spent for spent, best in curve if best >= target and spent <= budget), None)
-
-
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    position = q * (len(ordered) - 1)
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def plot(curves: dict[str, list[list[tuple[int, float]]]], target: float, budget: int, path: Path) -> None:
@@ -114,7 +108,7 @@ def main() -> None:
     for seed in range(args.seeds):
         for name, search in searches.items():
             experiment = {**common, **search, "name": f"{name.replace('+', '-')}-seed{seed}", "seed": seed}
-            _, wall, trials = run_sweep(experiment, work)
+            _, wall, trials = run_sweep_command(experiment, work)
             curves[name].append(best_so_far(trials, "val_joint_acc"))
             trials_run[name].append(len(trials))
             if name == "random":
@@ -122,7 +116,7 @@ def main() -> None:
             print(f"seed {seed} {name:<9} {len(trials):3d} trials, {curves[name][-1][-1][0]:3d} epochs, "
                   f"best {100 * curves[name][-1][-1][1]:.2f}%, {wall / 60:.1f} min", flush=True)
 
-    target = quantile(random_finals, 0.9)
+    target = float(np.quantile(random_finals, 0.9))
     results = {}
     for name, runs in curves.items():
         needed = [epochs_to(curve, target, args.budget) for curve in runs]

@@ -8,7 +8,6 @@ from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -31,12 +30,6 @@ def test_epochs_to_target_respects_the_budget():
     assert sample_efficiency.epochs_to(curve, 0.5, budget=5) == 3
     assert sample_efficiency.epochs_to(curve, 0.7, budget=4) is None
     assert sample_efficiency.epochs_to(curve, 0.9, budget=5) is None
-
-
-@pytest.mark.parametrize("q", [0.0, 0.5, 0.9, 1.0])
-def test_quantile_matches_numpy(q):
-    values = [0.31, 0.9, 0.12, 0.55, 0.77, 0.4, 0.62]
-    assert sample_efficiency.quantile(values, q) == pytest.approx(np.quantile(values, q))
 
 
 def test_shared_memory_mapped_by_a_process_is_counted():
