@@ -1,12 +1,14 @@
 """The training loop: ``fit(config, data, on_epoch=...)``.
 
 A plain loop in the spirit of pytorch/examples. Its speed comes from slicing
-batches out of tensors already on the device, channels_last weights and bf16
-autocast, not from a framework.
+batches out of tensors already on the device, channels_last weights, bf16
+autocast and process settings (threads, the C allocator), not from a framework.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import os
 import time
@@ -164,6 +166,33 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# glibc's mallopt parameter numbers (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory in the process for reuse instead of returning it to the OS.
+
+    Every training step frees and reallocates the same few-MiB activation and gradient buffers.
+    Under glibc's defaults, blocks that size are mmap-ed and unmapped (or trimmed off the heap)
+    each time, so each step page-faults its buffers in again: about 2,000 faults per width-16
+    bf16 step on CPU, some 6% of its time. Raising the mmap threshold to 32 MiB (glibc's
+    maximum on 64-bit) and the trim threshold to 1 GiB removes them. It only changes where
+    freed memory waits, not peak memory. Process-wide, like ``torch.set_num_threads``.
+
+    Returns:
+        True if the C library took the settings; False where there is no glibc ``mallopt``.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        libc = None
+    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2 ** 20)) & bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 30))
+
+
 def _optimizer(config: TrainConfig, model: DualNet) -> torch.optim.Optimizer:
     if config.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -207,6 +236,7 @@ def fit(config: TrainConfig | dict[str, Any], data: DualData,
     config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
+    keep_freed_memory()
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
     model = build_model(config.arch, width=config.width, hidden=config.hidden, dropout=config.dropout,
