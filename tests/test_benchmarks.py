@@ -59,3 +59,12 @@ def test_descendants_finds_grandchildren():
             os.kill(int(pid), 9)
         child.kill()
         child.wait()
+
+
+def test_random_search_expectation_is_geometric_in_trials():
+    # 1 of 10 trials reaches the target: the first success is at trial ceil(ln .5 / ln .9) = 7 by median, 10 on average.
+    finals = [0.9] + [0.5] * 9
+    assert sample_efficiency.random_expected_epochs(finals, 0.8, epochs=8) == {
+        "p": 0.1, "median_epochs": 56, "mean_epochs": 80.0}
+    assert sample_efficiency.random_expected_epochs(finals, 0.95, epochs=8)["median_epochs"] is None
+    assert sample_efficiency.random_expected_epochs([0.9, 0.9], 0.8, epochs=4)["median_epochs"] == 4
