@@ -2,9 +2,9 @@
 
 Both run through ``python -m tune sweep`` on the same space, once per searcher seed. TPE + ASHA runs
 with the harness's defaults (``tune.config.Searcher`` and ``Scheduler``), which is what an experiment
-file that leaves them out gets. Every epoch a trial trains counts against the budget, whether or not
-ASHA later stops the trial. For each run the curve is the best validation joint accuracy reported so
-far against the epochs spent so far.
+file that leaves them out gets; flags try other settings. Every epoch a trial trains counts against
+the budget, whether or not ASHA later stops the trial. For each run the curve is the best validation
+joint accuracy reported so far against the epochs spent so far.
 
 The target is fixed from the random runs alone, before the two are compared: the 90th percentile of
 the final accuracies of all random trials (each trained to the full budget), i.e. "find a top-10%
@@ -17,6 +17,7 @@ three decades, SGD or AdamW, constant or OneCycle schedules. The problem is shru
 subset, 8 epochs per trial) so that 5 seeds x 2 searchers fit in about 35 minutes on 2 cores.
 
     python benchmarks/sample_efficiency.py
+    python benchmarks/sample_efficiency.py --seeds 3 --tpe-trials 20 --n-startup-trials 8 --out /tmp/se.json
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import argparse
 import math
 import statistics
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,14 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=128, help="epochs per search (all trials together)")
     parser.add_argument("--train-subset", type=int, default=6000)
     parser.add_argument("--val-size", type=int, default=2000)
+    parser.add_argument("--tpe-trials", type=int, help="trials TPE + ASHA may start (default: budget / 2)")
+    parser.add_argument("--n-startup-trials", type=int, default=Searcher.n_startup_trials,
+                        help=f"TPE's random start-up trials (default: the harness's, {Searcher.n_startup_trials})")
+    parser.add_argument("--grace-period", type=int, default=Scheduler.grace_period, help="ASHA's first rung (default: "
+                        f"the harness's, {Scheduler.grace_period})")
+    parser.add_argument("--reduction-factor", type=int, default=Scheduler.reduction_factor,
+                        help=f"ASHA keeps 1 in this many at each rung (default: the harness's, "
+                        f"{Scheduler.reduction_factor})")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sample_efficiency.json"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sample-efficiency-"))
@@ -118,9 +126,12 @@ def main() -> None:
         # Random search trains every trial to the full budget: budget / epochs trials.
         "random": {"num_samples": args.budget // args.epochs, "searcher": {"type": "random"},
                    "scheduler": {"type": "none"}},
-        # The harness's defaults. ASHA stops most trials early, so the same budget buys more trials;
-        # runs past the budget are cut off when the curves are compared.
-        "tpe+asha": {"num_samples": args.budget // 2, "searcher": {"type": "tpe"}, "scheduler": {"type": "asha"}},
+        # ASHA stops most trials early, so the same budget buys more trials; runs past the budget
+        # are cut off when the curves are compared.
+        "tpe+asha": {"num_samples": args.tpe_trials or args.budget // 2,
+                     "searcher": {"type": "tpe", "n_startup_trials": args.n_startup_trials},
+                     "scheduler": {"type": "asha", "grace_period": args.grace_period,
+                                   "reduction_factor": args.reduction_factor}},
     }
     curves: dict[str, list[list[tuple[int, float]]]] = {name: [] for name in searches}
     random_finals: list[float] = []
@@ -150,9 +161,8 @@ def main() -> None:
     ratio = typical("tpe+asha") / typical("random")
     expected = random_expected_epochs(random_finals, target, args.epochs)
     ratio_expected = typical("tpe+asha") / expected["median_epochs"] if expected["median_epochs"] else None
-    defaults = {"searcher": asdict(Searcher()), "scheduler": asdict(Scheduler())}
     report = {"machine": machine(), "command": "python benchmarks/sample_efficiency.py", "settings": vars(args)
-              | {"out": str(args.out)}, "space": SPACE, "searches": searches, "harness_defaults": defaults,
+              | {"out": str(args.out)}, "space": SPACE, "searches": searches,
               "target_val_joint_acc": target, "results": results, "random_expected": expected,
               "median_epochs_ratio_tpe_asha_over_random": ratio,
               "median_epochs_ratio_tpe_asha_over_random_expected": ratio_expected}
@@ -165,7 +175,8 @@ def main() -> None:
     if expected["median_epochs"]:
         print(f"{'random, expected':<18}{'p = ' + format(expected['p'], '.3f'):>22}{expected['median_epochs']:>8g}"
               f"{'(mean ' + format(expected['mean_epochs'], '.0f') + ')':>24}")
-    print(f"TPE + ASHA ({defaults['searcher']}, {defaults['scheduler']}) needs {ratio:.2f}x the epochs of these random "
+    tpe = searches["tpe+asha"]
+    print(f"TPE + ASHA ({tpe['searcher']}, {tpe['scheduler']}) needs {ratio:.2f}x the epochs of these random "
           f"runs to reach the target (median over seeds)"
           + (f", {ratio_expected:.2f}x what random search needs in expectation" if ratio_expected else ""))
     plot(curves, target, args.budget, args.out.with_suffix(".png"))
