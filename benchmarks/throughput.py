@@ -10,6 +10,7 @@ one-time kernel selection, which would otherwise count against whichever pipelin
 
     python benchmarks/throughput.py                 # speed only (1 epoch each, after a warm-up)
     python benchmarks/throughput.py --accuracy      # also 10-epoch joint accuracy of fp32 vs bf16+cl
+    python benchmarks/throughput.py --profile       # where the bf16+cl step's time goes, by op
 """
 
 from __future__ import annotations
@@ -95,6 +96,21 @@ def original_pipeline_images_per_s(data, config: TrainConfig, device: str) -> fl
     return images_seen / (time.perf_counter() - started)
 
 
+def profile_steps(config: dict) -> None:
+    """Print where the default (bf16 + channels_last) training step spends its time, op by op.
+
+    Profiles an epoch of ``2 * WARMUP_BATCHES`` batches after an unprofiled one, so one-time kernel
+    selection is left out; the shares include the end-of-epoch bookkeeping of ``fit``.
+    """
+    from torch.profiler import profile
+
+    subset = load_data(val_size=0, train_subset=2 * WARMUP_BATCHES * 128)
+    fit({**config, "epochs": 1}, subset)
+    with profile() as profiler:
+        fit({**config, "epochs": 1}, subset)
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="late", choices=["late", "pixel"])
@@ -102,10 +118,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--accuracy", action="store_true", help="train fp32 and bf16+cl for --epochs and compare")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--profile", action="store_true", help="only profile bf16+cl training steps by op, and exit")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.profile:
+        profile_steps(dict(arch=args.arch, width=args.width, threads=args.threads, device=device))
+        return
 
     data = load_data()
     base = dict(arch=args.arch, width=args.width, threads=args.threads, epochs=1, device=device)
