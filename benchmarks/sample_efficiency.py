@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -161,8 +162,8 @@ def main() -> None:
     ratio = typical("tpe+asha") / typical("random")
     expected = random_expected_epochs(random_finals, target, args.epochs)
     ratio_expected = typical("tpe+asha") / expected["median_epochs"] if expected["median_epochs"] else None
-    report = {"machine": machine(), "command": "python benchmarks/sample_efficiency.py", "settings": vars(args)
-              | {"out": str(args.out)}, "space": SPACE, "searches": searches,
+    report = {"machine": machine(), "command": " ".join(["python benchmarks/sample_efficiency.py", *sys.argv[1:]]),
+              "settings": vars(args) | {"out": str(args.out)}, "space": SPACE, "searches": searches,
               "target_val_joint_acc": target, "results": results, "random_expected": expected,
               "median_epochs_ratio_tpe_asha_over_random": ratio,
               "median_epochs_ratio_tpe_asha_over_random_expected": ratio_expected}
