@@ -97,7 +97,7 @@ def original_pipeline_images_per_s(data, config: TrainConfig, device: str) -> fl
 
 
 def profile_steps(config: dict) -> None:
-    """Print where the default (bf16 + channels_last) training step spends its time, op by op.
+    """Print, op by op, where the default (bf16 + channels_last) training step of ``config`` spends its time.
 
     Profiles an epoch of ``2 * WARMUP_BATCHES`` batches after an unprofiled one, so one-time kernel
     selection is left out; the shares include the end-of-epoch bookkeeping of ``fit``.
@@ -105,9 +105,9 @@ def profile_steps(config: dict) -> None:
     from torch.profiler import profile
 
     subset = load_data(val_size=0, train_subset=2 * WARMUP_BATCHES * 128)
-    fit({**config, "epochs": 1}, subset)
+    fit(config, subset)
     with profile() as profiler:
-        fit({**config, "epochs": 1}, subset)
+        fit(config, subset)
     print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
@@ -123,12 +123,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = dict(arch=args.arch, width=args.width, threads=args.threads, epochs=1, device=device)
     if args.profile:
-        profile_steps(dict(arch=args.arch, width=args.width, threads=args.threads, device=device))
+        profile_steps(base)
         return
 
     data = load_data()
-    base = dict(arch=args.arch, width=args.width, threads=args.threads, epochs=1, device=device)
     variants = {"fp32": dict(precision="fp32", channels_last=False), "bf16+cl": dict(precision="bf16",
                                                                                     channels_last=True)}
     results: dict[str, dict] = {}
