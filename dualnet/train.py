@@ -2,7 +2,8 @@
 
 A plain loop in the spirit of pytorch/examples. Its speed comes from slicing
 batches out of tensors already on the device, channels_last weights, bf16
-autocast and process settings (threads, the C allocator), not from a framework.
+autocast, fused optimizer steps and process settings (threads, the C allocator),
+not from a framework.
 """
 
 from __future__ import annotations
@@ -189,10 +190,12 @@ def keep_freed_memory() -> bool:
 
 
 def _optimizer(config: TrainConfig, model: DualNet) -> torch.optim.Optimizer:
+    # fused: one kernel updates every parameter, where the default runs a dozen small ops per
+    # parameter tensor; on 2 CPU cores that AdamW step took 8% of a width-16 training step.
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
     return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0,
-                           weight_decay=config.weight_decay)
+                           weight_decay=config.weight_decay, fused=True)
 
 
 def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
