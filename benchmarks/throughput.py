@@ -1,14 +1,17 @@
 """Training throughput: dualnet's tensor pipeline against the original list-of-tuples DataLoader pipeline.
 
 One run, same model and machine:
-  original   torchvision dataset -> Python list of (image, one-hot, label, sum) -> DataLoader(128, shuffle) -> fp32
+  original   torchvision dataset -> Python list of (image, one-hot, label, sum) -> DataLoader(128, shuffle) -> fp32,
+             in a process of its own that never runs dualnet's ``fit`` (which changes process-wide settings)
   fp32       dualnet.fit, batches sliced from tensors, fp32, contiguous
   bf16+cl    dualnet.fit, batches sliced from tensors, bf16 autocast, channels_last (the default)
 plus the achieved GFLOP/s of each against this machine's measured fp32 and bf16 matmul peak.
-Each pipeline is timed over one epoch after a short warm-up of its own (the first batches pay for
-one-time kernel selection, which would otherwise count against whichever pipeline uses new kernels).
+Each pipeline first runs a short warm-up of its own (the first batches pay for one-time kernel
+selection, which would otherwise count against whichever pipeline uses new kernels). Then the three
+take turns, one timed epoch each per round; the table gives the median over rounds, and the ratio
+is the median of the per-round ratios.
 
-    python benchmarks/throughput.py                 # speed only (1 epoch each, after a warm-up)
+    python benchmarks/throughput.py                 # speed only (3 rounds of 1 epoch each)
     python benchmarks/throughput.py --accuracy      # also 10-epoch joint accuracy of fp32 vs bf16+cl
     python benchmarks/throughput.py --profile       # where the bf16+cl step's time goes, by op
 """
@@ -16,16 +19,19 @@ one-time kernel selection, which would otherwise count against whichever pipelin
 from __future__ import annotations
 
 import argparse
-import json
+import multiprocessing
 import platform
+import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
+from common import write_report
 from dualnet import build_model, evaluate_split, fit, load_data
 from dualnet.train import TrainConfig
 
@@ -59,10 +65,13 @@ def training_flops_per_image(config: TrainConfig) -> float:
 WARMUP_BATCHES = 20
 
 
-def original_pipeline_images_per_s(data, config: TrainConfig, device: str) -> float:
-    """The original work's input path, timed over one epoch after ``WARMUP_BATCHES`` untimed batches.
+def original_pipeline(data, config: TrainConfig, device: str) -> Callable[[], float]:
+    """Build the original work's input path and model, run ``WARMUP_BATCHES`` untimed batches.
 
     On a GPU the model runs there and each batch is copied over from the DataLoader, as the original did.
+
+    Returns:
+        A function that trains one more epoch and returns its images/s.
     """
     torch.manual_seed(0)
     numbers = data.train_numbers(0, 0)
@@ -87,13 +96,30 @@ def original_pipeline_images_per_s(data, config: TrainConfig, device: str) -> fl
         if batch == WARMUP_BATCHES:
             break
         step(*tensors)
-    images_seen, started = 0, time.perf_counter()
-    for tensors in loader:
-        step(*tensors)
-        images_seen += len(tensors[2])
-    if device != "cpu":
-        torch.cuda.synchronize()
-    return images_seen / (time.perf_counter() - started)
+
+    def epoch() -> float:
+        images_seen, started = 0, time.perf_counter()
+        for tensors in loader:
+            step(*tensors)
+            images_seen += len(tensors[2])
+        if device != "cpu":
+            torch.cuda.synchronize()
+        return images_seen / (time.perf_counter() - started)
+
+    return epoch
+
+
+def _original_pipeline_process(connection, config: TrainConfig, threads: int, device: str) -> None:
+    """Serve the original pipeline from its own process: one timed epoch per request.
+
+    Its own process, because ``fit`` changes process-wide settings (the C allocator's thresholds)
+    that the original work never had.
+    """
+    torch.set_num_threads(threads)
+    epoch = original_pipeline(load_data(), config, device)
+    connection.send("ready")
+    while connection.recv() == "epoch":
+        connection.send(epoch())
 
 
 def profile_steps(config: dict) -> None:
@@ -117,10 +143,13 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--accuracy", action="store_true", help="train fp32 and bf16+cl for --epochs and compare")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=10, help="epochs of each --accuracy run")
+    parser.add_argument("--rounds", type=int, default=3, help="timed epochs per pipeline, taken in turns")
     parser.add_argument("--profile", action="store_true", help="only profile bf16+cl training steps by op, and exit")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
     args = parser.parse_args()
+    if args.rounds < 1 or args.epochs < 1 or args.threads < 1:
+        parser.error("--rounds, --epochs and --threads must be at least 1")
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = dict(arch=args.arch, width=args.width, threads=args.threads, epochs=1, device=device)
@@ -135,16 +164,34 @@ def main() -> None:
     flops = training_flops_per_image(TrainConfig.from_dict(base))
     peaks = {"fp32": matmul_peak_gflops(torch.float32, device), "bf16": matmul_peak_gflops(torch.bfloat16, device)}
 
-    original = original_pipeline_images_per_s(data, TrainConfig.from_dict(base), device)
-    results["original"] = {"images_per_s": original}
+    connection, child_end = multiprocessing.Pipe()
+    original_process = multiprocessing.get_context("spawn").Process(
+        target=_original_pipeline_process, args=(child_end, TrainConfig.from_dict(base), args.threads, device))
+    original_process.start()
+    if connection.recv() != "ready":
+        raise RuntimeError("the original pipeline's process did not start")
+
+    def original_epoch() -> float:
+        connection.send("epoch")
+        return connection.recv()
+
     warmup = load_data(val_size=0, train_subset=WARMUP_BATCHES * 128)
-    for name, extra in variants.items():
+    for extra in variants.values():
         fit({**base, **extra}, warmup)
-        history = fit({**base, **extra}, data).history
-        results[name] = {"images_per_s": history[-1]["images_per_s"]}
-    for name, row in results.items():
-        row["ratio_vs_original"] = row["images_per_s"] / results["original"]["images_per_s"]
-        row["gflops"] = row["images_per_s"] * flops / 1e9
+    # The pipelines take turns, one epoch each per round, so a drift in the machine's speed
+    # during the run lands on all of them rather than on whichever ran during it.
+    speeds: dict[str, list[float]] = {"original": [], **{name: [] for name in variants}}
+    for _ in range(args.rounds):
+        speeds["original"].append(original_epoch())
+        for name, extra in variants.items():
+            speeds[name].append(fit({**base, **extra}, data).history[-1]["images_per_s"])
+    connection.send("stop")
+    original_process.join()
+    for name, per_round in speeds.items():
+        ratios = [speed / original for speed, original in zip(per_round, speeds["original"])]
+        results[name] = {"images_per_s": statistics.median(per_round), "images_per_s_per_round": per_round,
+                         "ratio_vs_original": statistics.median(ratios), "ratio_per_round": ratios,
+                         "gflops": statistics.median(per_round) * flops / 1e9}
 
     if args.accuracy:
         for name, extra in variants.items():
@@ -161,12 +208,11 @@ def main() -> None:
         test = f"{100 * row['test_joint_acc']:.2f}%" if "test_joint_acc" in row else "-"
         print(f"{name:<10}{row['images_per_s']:>10,.0f}{row['ratio_vs_original']:>11.2f}x{row['gflops']:>10.1f}"
               f"{val:>11}{test:>11}")
-    if peaks:
-        print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s; "
-              f"training costs {flops / 1e6:.1f} MFLOP per image")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s; "
+          f"training costs {flops / 1e6:.1f} MFLOP per image")
+    for name in variants:
+        print(f"{name} vs original, per round: " + ", ".join(f"{r:.2f}x" for r in results[name]["ratio_per_round"]))
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":
