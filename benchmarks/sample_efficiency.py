@@ -1,6 +1,8 @@
 """Sample efficiency: TPE + ASHA against random search without early stopping, at an equal budget of epochs.
 
-Both run through ``python -m tune sweep`` on the same space, once per searcher seed. TPE + ASHA runs
+Both run through ``python -m tune sweep`` on the same space, once per searcher seed, and so does a
+third search, random sampling under the same ASHA, which splits TPE + ASHA's gain into what the early
+stopping gives and what TPE adds (``--no-random-asha`` skips it). TPE + ASHA runs
 with the harness's defaults (``tune.config.Searcher`` and ``Scheduler``), which is what an experiment
 file that leaves them out gets; flags try other settings. Every epoch a trial trains counts against
 the budget, whether or not ASHA later stops the trial. For each run the curve is the best validation
@@ -14,7 +16,7 @@ comes after a geometric number of trials (median ceil(ln 0.5 / ln(1 - p))).
 
 The space is wide on purpose, as a user would set it before knowing good values: learning rates over
 three decades, SGD or AdamW, constant or OneCycle schedules. The problem is shrunk (a 6k training
-subset, 8 epochs per trial) so that 5 seeds x 2 searchers fit in about 35 minutes on 2 cores.
+subset, 8 epochs per trial) so that 5 seeds x 3 searches fit in about 50 minutes on 2 cores.
 
     python benchmarks/sample_efficiency.py
     python benchmarks/sample_efficiency.py --seeds 3 --tpe-trials 20 --n-startup-trials 8 --out /tmp/se.json
@@ -84,7 +86,7 @@ def plot(curves: dict[str, list[list[tuple[int, float]]]], target: float, budget
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (label, runs), color in zip(curves.items(), ("tab:blue", "tab:orange")):
+    for (label, runs), color in zip(curves.items(), ("tab:blue", "tab:orange", "tab:green")):
         for i, curve in enumerate(runs):
             xs, ys = zip(*[(s, 100 * b) for s, b in curve if s <= budget])
             ax.step(xs, ys, where="post", color=color, alpha=0.8, label=label if i == 0 else None)
@@ -95,7 +97,7 @@ def plot(curves: dict[str, list[list[tuple[int, float]]]], target: float, budget
     ax.set_ylim(max(0, low - 5), 100 * target + 3)
     ax.set_xlim(0, budget)
     ax.legend(loc="lower right")
-    ax.set_title("TPE + ASHA vs random search (one line per searcher seed)")
+    ax.set_title("Searches against epochs spent (one line per searcher seed)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -117,6 +119,8 @@ def main() -> None:
     parser.add_argument("--reduction-factor", type=int, default=Scheduler.reduction_factor,
                         help=f"ASHA keeps 1 in this many at each rung (default: the harness's, "
                         f"{Scheduler.reduction_factor})")
+    parser.add_argument("--no-random-asha", action="store_true",
+                        help="skip the third search, random sampling with the same ASHA (saves about a third)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sample_efficiency.json"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sample-efficiency-"))
@@ -133,7 +137,13 @@ def main() -> None:
                      "searcher": {"type": "tpe", "n_startup_trials": args.n_startup_trials},
                      "scheduler": {"type": "asha", "grace_period": args.grace_period,
                                    "reduction_factor": args.reduction_factor}},
+        # The same ASHA with random sampling: what the early stopping alone buys, and so what TPE adds.
+        "random+asha": {"num_samples": args.tpe_trials or args.budget // 2, "searcher": {"type": "random"},
+                        "scheduler": {"type": "asha", "grace_period": args.grace_period,
+                                      "reduction_factor": args.reduction_factor}},
     }
+    if args.no_random_asha:
+        del searches["random+asha"]
     curves: dict[str, list[list[tuple[int, float]]]] = {name: [] for name in searches}
     random_finals: list[float] = []
     trials_run: dict[str, list[int]] = {name: [] for name in searches}
@@ -145,7 +155,7 @@ def main() -> None:
             trials_run[name].append(len(trials))
             if name == "random":
                 random_finals += [rows[-1].get("val_joint_acc", 0.0) for rows in trials]
-            print(f"seed {seed} {name:<9} {len(trials):3d} trials, {curves[name][-1][-1][0]:3d} epochs, "
+            print(f"seed {seed} {name:<12} {len(trials):3d} trials, {curves[name][-1][-1][0]:3d} epochs, "
                   f"best {100 * curves[name][-1][-1][1]:.2f}%, {wall / 60:.1f} min", flush=True)
 
     target = float(np.quantile(random_finals, 0.9))
@@ -166,20 +176,27 @@ def main() -> None:
               "settings": vars(args) | {"out": str(args.out)}, "space": SPACE, "searches": searches,
               "target_val_joint_acc": target, "results": results, "random_expected": expected,
               "median_epochs_ratio_tpe_asha_over_random": ratio,
-              "median_epochs_ratio_tpe_asha_over_random_expected": ratio_expected}
+              "median_epochs_ratio_tpe_asha_over_random_expected": ratio_expected,
+              "median_epochs_ratio_random_asha_over_random_expected":
+                  typical("random+asha") / expected["median_epochs"]
+                  if "random+asha" in results and expected["median_epochs"] else None}
     print(f"\ntarget: {100 * target:.2f}% validation joint accuracy (90th percentile of "
           f"{len(random_finals)} fully trained random configs)")
-    print(f"{'search':<10}{'epochs to target, per seed':>30}{'median':>8}{'best at budget (mean)':>24}")
+    print(f"{'search':<18}{'epochs to target, per seed':>24}{'median':>8}{'best at budget (mean)':>24}")
     for name, row in results.items():
         needed = ", ".join(str(n) if n is not None else f">{args.budget}" for n in row["epochs_to_target"])
-        print(f"{name:<10}{needed:>30}{typical(name):>8g}{100 * row['mean_best_at_budget']:>23.2f}%")
+        print(f"{name:<18}{needed:>24}{typical(name):>8g}{100 * row['mean_best_at_budget']:>23.2f}%")
     if expected["median_epochs"]:
-        print(f"{'random, expected':<18}{'p = ' + format(expected['p'], '.3f'):>22}{expected['median_epochs']:>8g}"
+        print(f"{'random, expected':<18}{'p = ' + format(expected['p'], '.3f'):>24}{expected['median_epochs']:>8g}"
               f"{'(mean ' + format(expected['mean_epochs'], '.0f') + ')':>24}")
     tpe = searches["tpe+asha"]
     print(f"TPE + ASHA ({tpe['searcher']}, {tpe['scheduler']}) needs {ratio:.2f}x the epochs of these random "
           f"runs to reach the target (median over seeds)"
           + (f", {ratio_expected:.2f}x what random search needs in expectation" if ratio_expected else ""))
+    if "random+asha" in results:
+        print(f"random sampling under the same ASHA needs {typical('random+asha') / typical('random'):.2f}x the "
+              "epochs of the random runs" + (f", {typical('random+asha') / expected['median_epochs']:.2f}x the expectation"
+                                              if expected["median_epochs"] else ""))
     plot(curves, target, args.budget, args.out.with_suffix(".png"))
     write_report(args.out, report)
 
