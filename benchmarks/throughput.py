@@ -168,8 +168,11 @@ def main() -> None:
     original_process = multiprocessing.get_context("spawn").Process(
         target=_original_pipeline_process, args=(child_end, TrainConfig.from_dict(base), args.threads, device))
     original_process.start()
-    if connection.recv() != "ready":
-        raise RuntimeError("the original pipeline's process did not start")
+    child_end.close()  # so that recv() raises EOFError, rather than waits forever, if the child dies
+    try:
+        connection.recv()  # "ready"
+    except EOFError:
+        raise SystemExit("the original pipeline's process died while starting; its error is above") from None
 
     def original_epoch() -> float:
         connection.send("epoch")
