@@ -127,20 +127,18 @@ def main() -> None:
     common: dict[str, Any] = {"max_concurrent": 2, "epochs": args.epochs, "resources": {"cpu": 1},
                               "data": {"train_subset": args.train_subset, "val_size": args.val_size},
                               "space": SPACE}
+    # ASHA stops most trials early, so the same budget buys more trials; runs past the budget
+    # are cut off when the curves are compared.
+    asha = {"num_samples": args.tpe_trials or args.budget // 2,
+            "scheduler": {"type": "asha", "grace_period": args.grace_period,
+                          "reduction_factor": args.reduction_factor}}
     searches = {
         # Random search trains every trial to the full budget: budget / epochs trials.
         "random": {"num_samples": args.budget // args.epochs, "searcher": {"type": "random"},
                    "scheduler": {"type": "none"}},
-        # ASHA stops most trials early, so the same budget buys more trials; runs past the budget
-        # are cut off when the curves are compared.
-        "tpe+asha": {"num_samples": args.tpe_trials or args.budget // 2,
-                     "searcher": {"type": "tpe", "n_startup_trials": args.n_startup_trials},
-                     "scheduler": {"type": "asha", "grace_period": args.grace_period,
-                                   "reduction_factor": args.reduction_factor}},
+        "tpe+asha": {**asha, "searcher": {"type": "tpe", "n_startup_trials": args.n_startup_trials}},
         # The same ASHA with random sampling: what the early stopping alone buys, and so what TPE adds.
-        "random+asha": {"num_samples": args.tpe_trials or args.budget // 2, "searcher": {"type": "random"},
-                        "scheduler": {"type": "asha", "grace_period": args.grace_period,
-                                      "reduction_factor": args.reduction_factor}},
+        "random+asha": {**asha, "searcher": {"type": "random"}},
     }
     if args.no_random_asha:
         del searches["random+asha"]
@@ -169,17 +167,15 @@ def main() -> None:
     def typical(name: str) -> float:
         return statistics.median(n if n is not None else args.budget + 1 for n in results[name]["epochs_to_target"])
 
-    ratio = typical("tpe+asha") / typical("random")
     expected = random_expected_epochs(random_finals, target, args.epochs)
-    ratio_expected = typical("tpe+asha") / expected["median_epochs"] if expected["median_epochs"] else None
+    for name, row in results.items():
+        if name != "random":
+            row["median_epochs_over_random_runs"] = typical(name) / typical("random")
+            row["median_epochs_over_random_expected"] = (typical(name) / expected["median_epochs"]
+                                                         if expected["median_epochs"] else None)
     report = {"machine": machine(), "command": " ".join(["python benchmarks/sample_efficiency.py", *sys.argv[1:]]),
               "settings": vars(args) | {"out": str(args.out)}, "space": SPACE, "searches": searches,
-              "target_val_joint_acc": target, "results": results, "random_expected": expected,
-              "median_epochs_ratio_tpe_asha_over_random": ratio,
-              "median_epochs_ratio_tpe_asha_over_random_expected": ratio_expected,
-              "median_epochs_ratio_random_asha_over_random_expected":
-                  typical("random+asha") / expected["median_epochs"]
-                  if "random+asha" in results and expected["median_epochs"] else None}
+              "target_val_joint_acc": target, "results": results, "random_expected": expected}
     print(f"\ntarget: {100 * target:.2f}% validation joint accuracy (90th percentile of "
           f"{len(random_finals)} fully trained random configs)")
     print(f"{'search':<18}{'epochs to target, per seed':>24}{'median':>8}{'best at budget (mean)':>24}")
@@ -190,13 +186,13 @@ def main() -> None:
         print(f"{'random, expected':<18}{'p = ' + format(expected['p'], '.3f'):>24}{expected['median_epochs']:>8g}"
               f"{'(mean ' + format(expected['mean_epochs'], '.0f') + ')':>24}")
     tpe = searches["tpe+asha"]
-    print(f"TPE + ASHA ({tpe['searcher']}, {tpe['scheduler']}) needs {ratio:.2f}x the epochs of these random "
-          f"runs to reach the target (median over seeds)"
-          + (f", {ratio_expected:.2f}x what random search needs in expectation" if ratio_expected else ""))
-    if "random+asha" in results:
-        print(f"random sampling under the same ASHA needs {typical('random+asha') / typical('random'):.2f}x the "
-              "epochs of the random runs" + (f", {typical('random+asha') / expected['median_epochs']:.2f}x the expectation"
-                                              if expected["median_epochs"] else ""))
+    print(f"TPE + ASHA: {tpe['searcher']}, {tpe['scheduler']}")
+    for name, row in results.items():
+        if name != "random":
+            vs_expected = row["median_epochs_over_random_expected"]
+            print(f"{name} needs {row['median_epochs_over_random_runs']:.2f}x the epochs of these random runs to "
+                  "reach the target (median over seeds)"
+                  + (f", {vs_expected:.2f}x what random search needs in expectation" if vs_expected else ""))
     plot(curves, target, args.budget, args.out.with_suffix(".png"))
     write_report(args.out, report)
 
