@@ -52,9 +52,14 @@ def run_sweep_command(experiment: dict[str, Any], work: Path, args: tuple[str, .
     wall = time.perf_counter() - started
     if process.returncode != 0:
         raise subprocess.CalledProcessError(process.returncode, process.args)
+    return launched_at, wall, read_trials(work / "runs" / experiment["name"])
+
+
+def read_trials(run: Path) -> list[list[dict]]:
+    """Each trial's reported results, from the run folder ``storage/name`` of a finished sweep."""
     trials = [[json.loads(line) for line in result.read_text().splitlines()]
-              for result in sorted((work / "runs" / experiment["name"]).glob("*/result.json"))]
-    return launched_at, wall, [t for t in trials if t]
+              for result in sorted(run.glob("*/result.json"))]
+    return [t for t in trials if t]
 
 
 def trial_start(rows: list[dict]) -> float:

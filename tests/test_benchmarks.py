@@ -64,7 +64,34 @@ def test_descendants_finds_grandchildren():
 def test_random_search_expectation_is_geometric_in_trials():
     # 1 of 10 trials reaches the target: the first success is at trial ceil(ln .5 / ln .9) = 7 by median, 10 on average.
     finals = [0.9] + [0.5] * 9
-    assert sample_efficiency.random_expected_epochs(finals, 0.8, epochs=8) == {
-        "p": 0.1, "median_epochs": 56, "mean_epochs": 80.0}
+    expected = sample_efficiency.random_expected_epochs(finals, 0.8, epochs=8)
+    assert {k: expected[k] for k in ("successes", "p", "median_epochs", "mean_epochs")} == {
+        "successes": 1, "p": 0.1, "median_epochs": 56, "mean_epochs": 80.0}
+    # 1 success in 10 leaves p anywhere in [0.0025, 0.445] (Clopper-Pearson): 2 to 274 trials by median.
+    assert expected["median_epochs_95"] == [2 * 8, 274 * 8]
     assert sample_efficiency.random_expected_epochs(finals, 0.95, epochs=8)["median_epochs"] is None
     assert sample_efficiency.random_expected_epochs([0.9, 0.9], 0.8, epochs=4)["median_epochs"] == 4
+
+
+def trial(start: float, accuracies: list[float]) -> list[dict]:
+    return [report(start + epoch, value) for epoch, value in enumerate(accuracies)]
+
+
+def test_targets_come_from_random_trials_and_unreached_ones_count_past_the_budget():
+    runs = {
+        # One seed of random search: four trials of 2 epochs, run one after another.
+        "random": [[trial(0, [0.1, 0.2]), trial(10, [0.3, 0.4]), trial(20, [0.5, 0.6]), trial(30, [0.7, 0.8])]],
+        "tpe+asha": [[trial(0, [0.1]), trial(1, [0.5, 0.9])]],
+    }
+    targets, finals = sample_efficiency.compare(runs, [0.5, 0.99], epochs=2, budget=4)
+    assert finals == [0.2, 0.4, 0.6, 0.8]
+    easy, hard = targets
+    assert easy["val_joint_acc"] == 0.5  # the median of the random finals
+    assert easy["searches"]["random"]["epochs_to_target"] == [None]  # at epoch 6, past the budget of 4
+    assert easy["searches"]["random"]["median"] == 5  # so it counts as budget + 1
+    assert easy["searches"]["tpe+asha"]["epochs_to_target"] == [2]
+    assert easy["searches"]["tpe+asha"]["over_random_runs"] is None  # random never got there: no ratio
+    # Half the random trials succeed, so random search needs 1 trial (2 epochs) by median.
+    assert easy["searches"]["tpe+asha"]["over_random_expected"] == 2 / 2
+    assert hard["random_expected"]["successes"] == 1  # a quantile never lies above the best random trial
+    assert hard["searches"]["tpe+asha"]["epochs_to_target"] == [3]
