@@ -38,7 +38,9 @@ def _stage(c_in: int, c_out: int, depth: int) -> list[nn.Module]:
     for i in range(depth):
         layers += [nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1, bias=False),
                    nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-    return layers + [nn.MaxPool2d(2)]
+    # The pool comes before the stage's last ReLU: a ReLU commutes with max (it is monotone), so the
+    # outputs and gradients are the same, and that ReLU then runs on a quarter of the elements.
+    return layers[:-1] + [nn.MaxPool2d(2), layers[-1]]
 
 
 class DualNet(nn.Module):
