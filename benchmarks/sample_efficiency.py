@@ -24,7 +24,7 @@ subset, 8 epochs per trial) so that 5 seeds x 3 searches fit in about 50 minutes
 
     python benchmarks/sample_efficiency.py
     python benchmarks/sample_efficiency.py --seeds 3 --tpe-trials 20 --n-startup-trials 8 --out /tmp/se.json
-    python benchmarks/sample_efficiency.py --from /tmp/sample-efficiency-XXXX --targets 0.8 0.99 --out /tmp/se.json
+    python benchmarks/sample_efficiency.py --from /tmp/sample-efficiency-A /tmp/sample-efficiency-B --targets 0.8 0.99 --out /tmp/se.json
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def plot(curves: dict[str, list[list[tuple[int, float]]]], targets: list[float],
 FOLDERS = {"random": "random", "tpe+asha": "tpe-asha", "random+asha": "random-asha"}
 
 
-def run_searches(searches: dict[str, dict], common: dict[str, Any], seeds: int,
+def run_searches(searches: dict[str, dict], common: dict[str, Any], seeds: range,
                  work: Path) -> dict[str, list[list[list[dict]]]]:
     """Run every search once per searcher seed through ``python -m tune sweep``.
 
@@ -136,7 +136,7 @@ def run_searches(searches: dict[str, dict], common: dict[str, Any], seeds: int,
         For each search, per seed, each trial's reported results.
     """
     runs: dict[str, list[list[list[dict]]]] = {name: [] for name in searches}
-    for seed in range(seeds):
+    for seed in seeds:
         for name, search in searches.items():
             experiment = {**common, **search, "name": f"{FOLDERS[name]}-seed{seed}", "seed": seed}
             _, wall, trials = run_sweep_command(experiment, work)
@@ -147,34 +147,38 @@ def run_searches(searches: dict[str, dict], common: dict[str, Any], seeds: int,
     return runs
 
 
-def load_searches(work: Path) -> tuple[dict[str, dict], dict[str, list[list[list[dict]]]], int]:
-    """Read back a finished run's folder (the one this script printed as ``work``).
+def load_searches(works: list[Path]) -> tuple[dict[str, dict], dict[str, list[list[list[dict]]]], int]:
+    """Read back finished runs' folders (each run prints its own), pooling their seeds.
 
     Returns:
         (each search's settings, its trials per seed, the epochs of one trial).
 
     Raises:
-        SystemExit: the folder holds no runs of this benchmark, or runs with different settings.
+        ValueError: a folder holds no runs of this benchmark, or the runs' settings differ.
     """
-    files = sorted(work.glob("*-seed*.yaml"), key=lambda f: int(f.stem.rsplit("-seed", 1)[1]))
     by_folder = {folder: name for name, folder in FOLDERS.items()}
     searches: dict[str, dict] = {}
     runs: dict[str, list[list[list[dict]]]] = {}
     epochs: set[int] = set()
-    for file in files:
-        experiment = yaml.safe_load(file.read_text())
-        name = by_folder.get(file.stem.rsplit("-seed", 1)[0])
-        if name is None:
-            continue
-        searches[name] = {key: experiment[key] for key in ("num_samples", "searcher", "scheduler")}
-        epochs.add(experiment["epochs"])
-        runs.setdefault(name, []).append(read_trials(work / "runs" / experiment["name"]))
-    searches = {name: searches[name] for name in FOLDERS if name in searches}
-    runs = {name: runs[name] for name in FOLDERS if name in runs}
-    if "random" not in runs or len(epochs) != 1:
-        raise SystemExit(f"--from {work}: expected this benchmark's random-seedN.yaml files and runs/ beside "
-                         "them, all with the same epochs per trial")
-    return searches, runs, epochs.pop()
+    for work in works:
+        files = sorted(work.glob("*-seed*.yaml"), key=lambda f: int(f.stem.rsplit("-seed", 1)[1]))
+        if not any(file.stem.startswith("random-seed") for file in files):
+            raise ValueError(f"--from {work}: no random-seedN.yaml of this benchmark there")
+        for file in files:
+            experiment = yaml.safe_load(file.read_text())
+            name = by_folder.get(file.stem.rsplit("-seed", 1)[0])
+            if name is None:
+                continue
+            search = {key: experiment[key] for key in ("num_samples", "searcher", "scheduler")}
+            if searches.setdefault(name, search) != search:
+                raise ValueError(f"--from: {file} ran {name} as {search}, another run as {searches[name]}; "
+                                 "only runs of the same searches pool")
+            epochs.add(experiment["epochs"])
+            runs.setdefault(name, []).append(read_trials(work / "runs" / experiment["name"]))
+    if len(epochs) != 1:
+        raise ValueError(f"--from: the runs trained trials for different epochs ({sorted(epochs)}); they do not pool")
+    order = [name for name in FOLDERS if name in searches]
+    return {name: searches[name] for name in order}, {name: runs[name] for name in order}, epochs.pop()
 
 
 def compare(runs: dict[str, list[list[list[dict]]]], quantiles: list[float], epochs: int,
@@ -238,7 +242,9 @@ def print_tables(targets: list[dict[str, Any]], results: dict[str, dict], finals
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=5, help="searcher seeds 0..N-1")
+    parser.add_argument("--seeds", type=int, default=5, help="how many searcher seeds (default: 5)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run from this one up (default: 0); "
+                        "runs of other seeds can then be pooled with --from")
     parser.add_argument("--epochs", type=int, default=8, help="full budget of one trial")
     parser.add_argument("--budget", type=int, default=128, help="epochs per search (all trials together)")
     parser.add_argument("--train-subset", type=int, default=6000)
@@ -256,17 +262,21 @@ def main() -> None:
     parser.add_argument("--targets", type=float, nargs="+", default=[0.9, 0.95, 0.975], metavar="QUANTILE",
                         help="targets, as quantiles of the random trials' final accuracies (default: 0.9 0.95 0.975, "
                         "a top-10%%, top-5%% and top-2.5%% config)")
-    parser.add_argument("--from", dest="from_dir", type=Path, metavar="DIR",
-                        help="run nothing: re-analyse the work folder of an earlier run (its path is printed first); "
-                        "the search flags are then read from its files")
+    parser.add_argument("--from", dest="from_dirs", type=Path, nargs="+", metavar="DIR",
+                        help="run nothing: re-analyse the work folders of earlier runs (each run prints its own "
+                        "first), pooling their seeds; the search flags are then read from their files")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sample_efficiency.json"))
     args = parser.parse_args()
     if not all(0 < q < 1 for q in args.targets):
         parser.error(f"--targets: quantiles must lie strictly between 0 and 1, got {args.targets}")
-    if args.from_dir is not None:
-        if not args.from_dir.is_dir():
-            parser.error(f"--from: {args.from_dir} is not a folder")
-        searches, runs, args.epochs = load_searches(args.from_dir)
+    if args.from_dirs:
+        missing = [str(d) for d in args.from_dirs if not d.is_dir()]
+        if missing:
+            parser.error(f"--from: {', '.join(missing)} is not a folder")
+        try:
+            searches, runs, args.epochs = load_searches(args.from_dirs)
+        except ValueError as exc:
+            parser.error(str(exc))
     else:
         work = Path(tempfile.mkdtemp(prefix="sample-efficiency-"))
         print(f"work folder: {work} (re-analyse it with --from)", flush=True)
@@ -288,7 +298,7 @@ def main() -> None:
         }
         if args.no_random_asha:
             del searches["random+asha"]
-        runs = run_searches(searches, common, args.seeds, work)
+        runs = run_searches(searches, common, range(args.first_seed, args.first_seed + args.seeds), work)
 
     targets, finals = compare(runs, sorted(args.targets), args.epochs, args.budget)
     results = {}
@@ -298,7 +308,7 @@ def main() -> None:
         results[name] = {"trials": [len(trials) for trials in per_seed], "best_at_budget": at_budget,
                          "mean_best_at_budget": statistics.mean(at_budget)}
     report = {"machine": machine(), "command": " ".join(["python benchmarks/sample_efficiency.py", *sys.argv[1:]]),
-              "settings": vars(args) | {"out": str(args.out), "from_dir": args.from_dir and str(args.from_dir)},
+              "settings": vars(args) | {"out": str(args.out), "from_dirs": [str(d) for d in args.from_dirs or []]},
               "space": SPACE, "searches": searches, "targets": targets, "results": results}
     print_tables(targets, results, finals, args.budget)
     if "tpe+asha" in searches:
