@@ -24,7 +24,8 @@ subset, 8 epochs per trial) so that 5 seeds x 3 searches fit in about 50 minutes
 
     python benchmarks/sample_efficiency.py
     python benchmarks/sample_efficiency.py --seeds 3 --tpe-trials 20 --n-startup-trials 8 --out /tmp/se.json
-    python benchmarks/sample_efficiency.py --from /tmp/sample-efficiency-A /tmp/sample-efficiency-B --targets 0.8 0.99 --out /tmp/se.json
+    python benchmarks/sample_efficiency.py --from /tmp/sample-efficiency-A /tmp/sample-efficiency-B \\
+        --targets 0.8 0.99 --out /tmp/se.json
 """
 
 from __future__ import annotations
@@ -181,19 +182,24 @@ def load_searches(works: list[Path]) -> tuple[dict[str, dict], dict[str, list[li
     return {name: searches[name] for name in order}, {name: runs[name] for name in order}, epochs.pop()
 
 
-def compare(runs: dict[str, list[list[list[dict]]]], quantiles: list[float], epochs: int,
-            budget: int) -> tuple[list[dict[str, Any]], list[float]]:
+def random_finals(runs: dict[str, list[list[list[dict]]]]) -> list[float]:
+    """The final validation joint accuracy of every random-search trial, each trained to the full epochs."""
+    return [rows[-1].get("val_joint_acc", 0.0) for trials in runs["random"] for rows in trials]
+
+
+def compare(curves: dict[str, list[list[tuple[int, float]]]], finals: list[float], quantiles: list[float],
+            epochs: int, budget: int) -> list[dict[str, Any]]:
     """Epochs each search needed to reach each target, against random search's.
 
-    Each target is a quantile of the final accuracies of all random trials, every one trained to the
-    full ``epochs``, so it is fixed from the random runs alone. A run that never reaches a target
-    within ``budget`` counts as ``budget + 1`` in the medians.
+    Args:
+        curves: per search, per seed, the ``best_so_far`` curve.
+        finals: ``random_finals`` of the same runs; each target is one of their quantiles, so it is
+            fixed from the random runs alone.
 
     Returns:
-        (one row per target, the final accuracies of the random trials).
+        One row per target. A run that never reaches a target within ``budget`` counts as
+        ``budget + 1`` in the medians.
     """
-    finals = [rows[-1].get("val_joint_acc", 0.0) for trials in runs["random"] for rows in trials]
-    curves = {name: [best_so_far(trials, "val_joint_acc") for trials in per_seed] for name, per_seed in runs.items()}
     rows = []
     for quantile in quantiles:
         target = float(np.quantile(finals, quantile))
@@ -202,7 +208,7 @@ def compare(runs: dict[str, list[list[list[dict]]]], quantiles: list[float], epo
         medians = {name: statistics.median(n if n is not None else budget + 1 for n in per_seed)
                    for name, per_seed in needed.items()}
         searches = {}
-        for name in runs:
+        for name in curves:
             row: dict[str, Any] = {"epochs_to_target": needed[name], "median": medians[name]}
             if name != "random":
                 # Against random runs that never got there, a ratio says nothing.
@@ -212,7 +218,7 @@ def compare(runs: dict[str, list[list[list[dict]]]], quantiles: list[float], epo
             searches[name] = row
         rows.append({"quantile": quantile, "val_joint_acc": target, "random_expected": expected,
                      "searches": searches})
-    return rows, finals
+    return rows
 
 
 def print_tables(targets: list[dict[str, Any]], results: dict[str, dict], finals: list[float], budget: int) -> None:
@@ -228,7 +234,8 @@ def print_tables(targets: list[dict[str, Any]], results: dict[str, dict], finals
             if name != "random":
                 vs_expected = search["over_random_expected"]
                 vs_runs = search["over_random_runs"]
-                ratios = (f"{vs_runs:>14.2f}x" if vs_runs else f"{'-':>15}") + (f"{vs_expected:>18.2f}x" if vs_expected else "")
+                ratios = ((f"{vs_runs:>14.2f}x" if vs_runs is not None else f"{'-':>15}")
+                          + (f"{vs_expected:>18.2f}x" if vs_expected is not None else ""))
             print(f"  {name:<14}{needed:>30}{search['median']:>8g}{ratios}")
         if expected["median_epochs"]:
             low, high = expected["median_epochs_95"]
@@ -264,7 +271,8 @@ def main() -> None:
                         "a top-10%%, top-5%% and top-2.5%% config)")
     parser.add_argument("--from", dest="from_dirs", type=Path, nargs="+", metavar="DIR",
                         help="run nothing: re-analyse the work folders of earlier runs (each run prints its own "
-                        "first), pooling their seeds; the search flags are then read from their files")
+                        "first), pooling their seeds; the search flags, --epochs and --budget are then read "
+                        "from their files")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sample_efficiency.json"))
     args = parser.parse_args()
     if not all(0 < q < 1 for q in args.targets):
@@ -277,6 +285,8 @@ def main() -> None:
             searches, runs, args.epochs = load_searches(args.from_dirs)
         except ValueError as exc:
             parser.error(str(exc))
+        # The budget those runs had: random search trains all its trials to the full epochs.
+        args.budget = searches["random"]["num_samples"] * args.epochs
     else:
         work = Path(tempfile.mkdtemp(prefix="sample-efficiency-"))
         print(f"work folder: {work} (re-analyse it with --from)", flush=True)
@@ -300,12 +310,13 @@ def main() -> None:
             del searches["random+asha"]
         runs = run_searches(searches, common, range(args.first_seed, args.first_seed + args.seeds), work)
 
-    targets, finals = compare(runs, sorted(args.targets), args.epochs, args.budget)
+    curves = {name: [best_so_far(trials, "val_joint_acc") for trials in per_seed] for name, per_seed in runs.items()}
+    finals = random_finals(runs)
+    targets = compare(curves, finals, sorted(args.targets), args.epochs, args.budget)
     results = {}
-    for name, per_seed in runs.items():
-        at_budget = [max((b for s, b in best_so_far(trials, "val_joint_acc") if s <= args.budget), default=0.0)
-                     for trials in per_seed]
-        results[name] = {"trials": [len(trials) for trials in per_seed], "best_at_budget": at_budget,
+    for name, per_seed in curves.items():
+        at_budget = [max((b for s, b in curve if s <= args.budget), default=0.0) for curve in per_seed]
+        results[name] = {"trials": [len(trials) for trials in runs[name]], "best_at_budget": at_budget,
                          "mean_best_at_budget": statistics.mean(at_budget)}
     report = {"machine": machine(), "command": " ".join(["python benchmarks/sample_efficiency.py", *sys.argv[1:]]),
               "settings": vars(args) | {"out": str(args.out), "from_dirs": [str(d) for d in args.from_dirs or []]},
@@ -319,8 +330,7 @@ def main() -> None:
             verdict = "meets" if vs_expected <= 1 / 3 else "does not meet"
             print(f"target {100 * row['val_joint_acc']:.2f}%: TPE + ASHA needs {vs_expected:.2f}x the epochs random "
                   f"search needs in expectation; {verdict} the 1/3 floor")
-    plot({name: [best_so_far(t, "val_joint_acc") for t in per_seed] for name, per_seed in runs.items()},
-         [row["val_joint_acc"] for row in targets], args.budget, args.out.with_suffix(".png"))
+    plot(curves, [row["val_joint_acc"] for row in targets], args.budget, args.out.with_suffix(".png"))
     write_report(args.out, report)
 
 

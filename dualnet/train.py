@@ -177,8 +177,8 @@ def keep_freed_memory() -> bool:
     Under glibc's defaults, blocks that size are mmap-ed and unmapped (or trimmed off the heap)
     each time, so each step page-faults its buffers in again: thousands of faults per width-16
     fp32 step at batch 128 (tests/test_train.py counts them), fewer in bf16. Raising the mmap
-    threshold to 64 MiB and the trim threshold to 1 GiB removes them. It changes where freed memory waits, not peak memory.
-    Process-wide, like ``torch.set_num_threads``.
+    threshold to 64 MiB and the trim threshold to 1 GiB removes them. It changes where freed
+    memory waits, not peak memory. Process-wide, like ``torch.set_num_threads``.
 
     Returns:
         True if the C library took the settings; False where the C library is not glibc.

@@ -83,7 +83,10 @@ def test_targets_come_from_random_trials_and_unreached_ones_count_past_the_budge
         "random": [[trial(0, [0.1, 0.2]), trial(10, [0.3, 0.4]), trial(20, [0.5, 0.6]), trial(30, [0.7, 0.8])]],
         "tpe+asha": [[trial(0, [0.1]), trial(1, [0.5, 0.9])]],
     }
-    targets, finals = sample_efficiency.compare(runs, [0.5, 0.99], epochs=2, budget=4)
+    finals = sample_efficiency.random_finals(runs)
+    curves = {name: [sample_efficiency.best_so_far(trials, "val_joint_acc") for trials in per_seed]
+              for name, per_seed in runs.items()}
+    targets = sample_efficiency.compare(curves, finals, [0.5, 0.99], epochs=2, budget=4)
     assert finals == [0.2, 0.4, 0.6, 0.8]
     easy, hard = targets
     assert easy["val_joint_acc"] == 0.5  # the median of the random finals
