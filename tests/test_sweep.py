@@ -81,3 +81,41 @@ def test_grid_searcher_runs_each_design_once(tmp_path):
     trials = pd.read_csv(tmp_path / "runs" / "grid" / "trials.csv")
     assert sorted(trials["config/arch"]) == ["late", "pixel"]
     assert (trials["config/lr"] == 0.003).all()
+
+
+def test_epoch_budget_stops_starting_trials_once_spent(tmp_path):
+    """One trial at a time, 2 epochs each, 5 epochs of budget: after 4 epochs one more trial starts,
+    after 6 none does, and the sweep counts as finished (no '--resume' advice)."""
+    from .sweeps import run_cli, tiny_experiment
+
+    experiment = tiny_experiment(tmp_path, name="budget", num_samples=20, max_concurrent=1, epoch_budget=5,
+                                 scheduler={"type": "none"})
+    proc = run_cli(tmp_path, "sweep", str(experiment))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = pd.read_csv(tmp_path / "runs" / "budget" / "trials.csv")
+    assert len(trials) == 3 and (trials["epoch"] == 2).all()
+    assert "the epoch budget (5) was spent after 3 of 20 trials" in proc.stdout
+    assert "--resume" not in proc.stderr
+    assert len(load_study(tmp_path / "runs" / "budget", "budget").trials) == 3
+
+
+def test_epoch_budget_count_survives_the_searcher_state_a_resume_restores(tmp_path):
+    from ray.tune.search import Searcher
+
+    from tune.config import from_dict
+    from tune.search import make_searcher
+
+    experiment = from_dict({"name": "b", "epochs": 2, "epoch_budget": 3,
+                            "space": {"arch": {"choice": ["late", "pixel"]}, "lr": {"loguniform": [1e-3, 1e-2]}}})
+    searcher = make_searcher(experiment, tmp_path).searcher
+    assert searcher.suggest("t1") is not None
+    searcher.on_trial_complete("t1", {"epoch": 2, "val_joint_acc": 0.6, "training_iteration": 2})
+    assert searcher.suggest("t2") is not None
+    searcher.on_trial_result("t2", {"epoch": 1, "val_joint_acc": 0.5, "training_iteration": 1})
+    searcher.on_trial_result("t2", {"epoch": 1, "val_joint_acc": 0.5, "training_iteration": 1})  # replayed
+    assert searcher.epochs_spent() == 3
+    assert searcher.suggest("t3") == Searcher.FINISHED
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    restored = make_searcher(experiment, tmp_path).searcher
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.epochs_spent() == 3 and restored.suggest("t4") == Searcher.FINISHED

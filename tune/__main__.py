@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (also its torch threads)")
     sweep.add_argument("--gpus-per-trial", type=float, help="GPUs per trial; fractions share a GPU (e.g. 0.25)")
     sweep.add_argument("--epochs", type=int, help="full training budget of a trial in epochs")
+    sweep.add_argument("--epoch-budget", type=int, help="epochs all trials may train together; once spent, no "
+                       "new trial starts and running ones finish")
     sweep.add_argument("--name", help="run name (folder under storage); default: the file's name")
     sweep.add_argument("--storage", help="results folder or URI (s3://, gs://, a shared mount); on a "
                        "multi-node cluster it must be reachable from every node")
@@ -140,7 +142,7 @@ def sweep_command(args: argparse.Namespace) -> int:
 
     overrides = {"num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
                  "resources.cpu": args.cpus_per_trial, "resources.gpu": args.gpus_per_trial,
-                 "epochs": args.epochs, "name": args.name and check_name(args.name), "storage": args.storage}
+                 "epochs": args.epochs, "epoch_budget": args.epoch_budget, "name": args.name and check_name(args.name), "storage": args.storage}
     experiment = load_experiment(args.experiment, overrides)
     try:
         outcome = run_sweep(experiment, address=args.address, resume=args.resume, verbose=not args.quiet)

@@ -84,6 +84,8 @@ class Experiment:
     max_concurrent: int = 2
     epochs: int = 10
     time_budget_s: float | None = None
+    # Epochs all trials may train together; once spent, no new trial starts (running ones finish).
+    epoch_budget: int | None = None
     seed: int = 0
     max_failures: int = 2
     searcher: Searcher = field(default_factory=Searcher)
@@ -204,10 +206,10 @@ def from_dict(raw: Any) -> Experiment:
     space = {key: _param(key, value) for key, value in space_raw.items()}
     values: dict[str, Any] = {"name": name, "space": space}
     scalars = {"metric": str, "mode": str, "num_samples": int, "max_concurrent": int, "epochs": int,
-               "time_budget_s": float, "seed": int, "max_failures": int, "storage": str}
+               "time_budget_s": float, "epoch_budget": int, "seed": int, "max_failures": int, "storage": str}
     for key, kind in scalars.items():
         if key in raw:
-            values[key] = _check_type(key, raw[key], kind, optional=key == "time_budget_s")
+            values[key] = _check_type(key, raw[key], kind, optional=key in ("time_budget_s", "epoch_budget"))
     sections = {"searcher": Searcher, "scheduler": Scheduler, "resources": Resources, "data": Data}
     for key, cls in sections.items():
         if key in raw:
@@ -232,6 +234,7 @@ def _check_ranges(e: Experiment) -> None:
     need(e.max_failures >= 0, f"max_failures: must be >= 0, got {e.max_failures}")
     need(e.time_budget_s is None or (e.time_budget_s > 0 and math.isfinite(e.time_budget_s)),
          f"time_budget_s: must be > 0 or null, got {e.time_budget_s}")
+    need(e.epoch_budget is None or e.epoch_budget >= 1, f"epoch_budget: must be >= 1 or null, got {e.epoch_budget}")
     need(e.searcher.type in ("tpe", "random", "grid"),
          f"searcher.type: {e.searcher.type!r} must be tpe, random or grid")
     if e.searcher.type == "grid":

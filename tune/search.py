@@ -9,7 +9,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
-from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from .config import Experiment
@@ -18,26 +18,49 @@ STUDY_FILE = "optuna.journal"
 
 
 class BudgetAwareOptunaSearch(OptunaSearch):
-    """OptunaSearch that tells Optuna the truth about trials the scheduler stopped early.
+    """OptunaSearch that tells Optuna the truth about trials the scheduler stopped early,
+    and that stops suggesting trials once an epoch budget is spent.
 
     Ray reports an ASHA-stopped trial as complete with its low-budget score, which
     would teach TPE (and fANOVA) that a 1-epoch score is a final one. Here a trial
     that ends before ``full_epochs`` without diverging becomes PRUNED in the study,
     keeping its per-epoch intermediate values. A diverged trial stays COMPLETE with
     its reported 0, so the searcher learns to avoid that region.
+
+    With ``epoch_budget``, ``suggest`` answers FINISHED once the trials together have
+    reported that many epochs; trials already running go on to their end. The count
+    lives in the searcher's state, which Ray saves with each experiment snapshot, so a
+    resumed sweep keeps it.
     """
 
-    def __init__(self, *args: Any, full_epochs: int, **kwargs: Any):
+    def __init__(self, *args: Any, full_epochs: int, epoch_budget: int | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._full_epochs = full_epochs
+        self._epoch_budget = epoch_budget
+        self._epochs_reported: dict[str, int] = {}
 
-    def suggest(self, trial_id: str) -> dict | None:
+    def epochs_spent(self) -> int:
+        """Epochs the trials have reported so far; an epoch a resumed trial repeats counts once."""
+        return sum(self._epochs_reported.values())
+
+    def _count(self, trial_id: str, result: dict | None) -> None:
+        if result and result.get("epoch") is not None:
+            self._epochs_reported[trial_id] = max(self._epochs_reported.get(trial_id, 0), int(result["epoch"]))
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if self._epoch_budget is not None and self.epochs_spent() >= self._epoch_budget:
+            return Searcher.FINISHED
         config = super().suggest(trial_id)
         # Lets anyone reading the study find the Ray trial (and its folder) behind each Optuna trial.
         self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
         return config
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._count(trial_id, result)
+        super().on_trial_result(trial_id, result)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self._count(trial_id, result)
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None and self._ot_study.get_trials(deepcopy=False)[ot_trial.number].state.is_finished():
             # A sweep resumed from a snapshot taken just before this trial ended: the study already
@@ -94,7 +117,7 @@ def make_searcher(experiment: Experiment, run_dir: Path) -> ConcurrencyLimiter:
     searcher = BudgetAwareOptunaSearch(space=optuna_space(experiment), sampler=sampler,
                                        metric=experiment.metric, mode=experiment.mode,
                                        study_name=experiment.name, storage=study_storage(run_dir),
-                                       full_epochs=experiment.epochs)
+                                       full_epochs=experiment.epochs, epoch_budget=experiment.epoch_budget)
     return ConcurrencyLimiter(searcher, max_concurrent=experiment.max_concurrent)
 
 

@@ -314,7 +314,10 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
         if own_ray:
             ray.shutdown()
     trials = summarize(results, experiment)
-    finished = results.num_terminated + results.num_errors == len(results) >= experiment.num_samples
+    epochs_spent = int(trials["epoch"].sum()) if "epoch" in trials else 0
+    budget_spent = experiment.epoch_budget is not None and epochs_spent >= experiment.epoch_budget
+    finished = results.num_terminated + results.num_errors == len(results) and \
+        (len(results) >= experiment.num_samples or budget_spent)
     if finished:
         # Only now is a RUNNING study trial surely an orphan; after Ctrl+C or a time budget
         # cut, unfinished trials continue on --resume.
@@ -329,8 +332,11 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
         print(f"\nTop trials by {experiment.metric} (validation):")
         print(leaderboard(trials, experiment))
         counts = trials["trial_status"].value_counts().to_dict() if not trials.empty else {}
-        print(f"\n{len(trials)} trials ({', '.join(f'{v} {k}' for k, v in counts.items())}) in "
-              f"{wall_s / 60:.1f} min; results in {run_dir}")
+        print(f"\n{len(trials)} trials ({', '.join(f'{v} {k}' for k, v in counts.items())}), {epochs_spent} epochs "
+              f"in {wall_s / 60:.1f} min; results in {run_dir}")
+        if budget_spent and len(results) < experiment.num_samples:
+            print(f"the epoch budget ({experiment.epoch_budget}) was spent after {len(results)} of "
+                  f"{experiment.num_samples} trials; no more were started")
         if not finished:
             print(f"the sweep stopped before all {experiment.num_samples} trials finished; "
                   f"continue it with --resume", file=sys.stderr)
