@@ -119,3 +119,24 @@ def test_epoch_budget_count_survives_the_searcher_state_a_resume_restores(tmp_pa
     restored = make_searcher(experiment, tmp_path).searcher
     restored.restore(str(tmp_path / "searcher.pkl"))
     assert restored.epochs_spent() == 3 and restored.suggest("t4") == Searcher.FINISHED
+
+
+@pytest.mark.parametrize("rung_metric, second_trial", [(None, "CONTINUE"), ("train_loss", "STOP")])
+def test_asha_ranks_rungs_by_the_scheduler_metric(rung_metric, second_trial):
+    """The second trial at the first rung has the better accuracy and the worse training loss."""
+    from ray.tune.experiment import Trial
+
+    from tune.config import from_dict
+    from tune.search import make_scheduler
+
+    experiment = from_dict({"name": "rungs", "epochs": 4, "space": {"arch": "late"},
+                            "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2,
+                                          "metric": rung_metric}})
+    scheduler = make_scheduler(experiment)
+    first, second = Trial("__fake", stub=True), Trial("__fake", stub=True)
+    for trial in (first, second):
+        scheduler.on_trial_add(None, trial)
+    assert scheduler.on_trial_result(None, first, {"training_iteration": 1, "train_loss": 1.0,
+                                                   "val_joint_acc": 0.1}) == "CONTINUE"
+    assert scheduler.on_trial_result(None, second, {"training_iteration": 1, "train_loss": 2.0,
+                                                    "val_joint_acc": 0.9}) == second_trial

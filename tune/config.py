@@ -18,6 +18,9 @@ from dualnet.models import ARCHS
 from dualnet.train import TrainConfig
 
 METRICS = ("val_joint_acc", "val_class_acc", "val_sum_acc", "val_loss")
+# ASHA may rank trials at its rungs by the training loss too: it is not a search objective, only
+# an early signal of which trials are learning.
+RUNG_METRICS = (*METRICS, "train_loss")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
 # The harness sets these per trial; a sweep may not search them.
 HARNESS_KEYS = ("epochs", "threads", "device")
@@ -57,6 +60,7 @@ class Scheduler:
     type: str = "asha"  # asha | none
     grace_period: int = 1
     reduction_factor: int = 3
+    metric: str | None = None  # what ASHA ranks trials by at each rung; null: the experiment's metric
 
 
 @dataclass
@@ -246,6 +250,8 @@ def _check_ranges(e: Experiment) -> None:
     need(e.scheduler.grace_period >= 1, f"scheduler.grace_period: must be >= 1, got {e.scheduler.grace_period}")
     need(e.scheduler.type != "asha" or e.scheduler.grace_period <= e.epochs,
          f"scheduler.grace_period: {e.scheduler.grace_period} exceeds epochs ({e.epochs})")
+    need(e.scheduler.metric is None or e.scheduler.metric in RUNG_METRICS,
+         f"scheduler.metric: {e.scheduler.metric!r} is not reported; use one of {', '.join(RUNG_METRICS)} or null")
     need(e.scheduler.reduction_factor >= 2,
          f"scheduler.reduction_factor: must be >= 2, got {e.scheduler.reduction_factor}")
     need(e.resources.cpu > 0, f"resources.cpu: must be > 0, got {e.resources.cpu}")

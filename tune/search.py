@@ -122,9 +122,11 @@ def make_searcher(experiment: Experiment, run_dir: Path) -> ConcurrencyLimiter:
 
 
 def make_scheduler(experiment: Experiment) -> TrialScheduler:
-    """ASHA on the experiment's metric (set through TuneConfig), or plain FIFO."""
+    """ASHA ranking trials by ``scheduler.metric`` (default: the experiment's metric), or plain FIFO."""
     if experiment.scheduler.type == "asha":
+        metric = experiment.scheduler.metric or experiment.metric
         return ASHAScheduler(time_attr="training_iteration", max_t=experiment.epochs,
+                             metric=metric, mode="min" if metric.endswith("loss") else "max",
                              grace_period=experiment.scheduler.grace_period,
                              reduction_factor=experiment.scheduler.reduction_factor)
     return FIFOScheduler()

@@ -298,8 +298,8 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
             tuner = tune.Tuner(
                 trainable,
                 param_space=trial_constants(experiment),
+                # No metric here: the searcher and the scheduler each carry their own, which may differ.
                 tune_config=tune.TuneConfig(
-                    metric=experiment.metric, mode=experiment.mode,
                     search_alg=make_searcher(experiment, run_dir), scheduler=make_scheduler(experiment),
                     num_samples=experiment.num_samples, time_budget_s=experiment.time_budget_s,
                     reuse_actors=True, trial_dirname_creator=lambda trial: trial.trial_id),
