@@ -121,7 +121,9 @@ def test_epoch_budget_count_survives_the_searcher_state_a_resume_restores(tmp_pa
     assert restored.epochs_spent() == 3 and restored.suggest("t4") == Searcher.FINISHED
 
 
-@pytest.mark.parametrize("rung_metric, second_trial", [(None, "CONTINUE"), ("train_loss", "STOP")])
+@pytest.mark.parametrize("rung_metric, second_trial", [({"metric": None}, "CONTINUE"),
+                                                        ({"metric": "train_loss"}, "STOP"), ({}, "STOP")],
+                         ids=["null: the experiment's metric", "train_loss", "default"])
 def test_asha_ranks_rungs_by_the_scheduler_metric(rung_metric, second_trial):
     """The second trial at the first rung has the better accuracy and the worse training loss."""
     from ray.tune.experiment import Trial
@@ -131,7 +133,7 @@ def test_asha_ranks_rungs_by_the_scheduler_metric(rung_metric, second_trial):
 
     experiment = from_dict({"name": "rungs", "epochs": 4, "space": {"arch": "late"},
                             "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2,
-                                          "metric": rung_metric}})
+                                          **rung_metric}})
     scheduler = make_scheduler(experiment)
     first, second = Trial("__fake", stub=True), Trial("__fake", stub=True)
     for trial in (first, second):
