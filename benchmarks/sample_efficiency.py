@@ -266,8 +266,9 @@ def main() -> None:
     parser.add_argument("--reduction-factor", type=int, default=Scheduler.reduction_factor,
                         help=f"ASHA keeps 1 in this many at each rung (default: the harness's, "
                         f"{Scheduler.reduction_factor})")
-    parser.add_argument("--rung-metric", default=Scheduler.metric, choices=RUNG_METRICS, help="what ASHA ranks trials by at each rung "
-                        f"(default: the harness's, {Scheduler.metric}; 'val_joint_acc' was the default before)")
+    parser.add_argument("--rung-metric", default=Scheduler.metric, choices=RUNG_METRICS,
+                        help=f"what ASHA ranks trials by at each rung (default: the harness's, {Scheduler.metric}; "
+                        "'val_joint_acc' was the default before)")
     parser.add_argument("--no-random-asha", action="store_true",
                         help="skip the third search, random sampling with the same ASHA (saves about a third)")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.9, 0.95, 0.975], metavar="QUANTILE",

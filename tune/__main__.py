@@ -142,7 +142,8 @@ def sweep_command(args: argparse.Namespace) -> int:
 
     overrides = {"num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
                  "resources.cpu": args.cpus_per_trial, "resources.gpu": args.gpus_per_trial,
-                 "epochs": args.epochs, "epoch_budget": args.epoch_budget, "name": args.name and check_name(args.name), "storage": args.storage}
+                 "epochs": args.epochs, "epoch_budget": args.epoch_budget,
+                 "name": args.name and check_name(args.name), "storage": args.storage}
     experiment = load_experiment(args.experiment, overrides)
     try:
         outcome = run_sweep(experiment, address=args.address, resume=args.resume, verbose=not args.quiet)

@@ -122,7 +122,7 @@ def make_searcher(experiment: Experiment, run_dir: Path) -> ConcurrencyLimiter:
 
 
 def make_scheduler(experiment: Experiment) -> TrialScheduler:
-    """ASHA ranking trials by ``scheduler.metric`` (default: the experiment's metric), or plain FIFO."""
+    """ASHA ranking each rung by ``scheduler.metric`` (the experiment's metric when that is null), or plain FIFO."""
     if experiment.scheduler.type == "asha":
         metric = experiment.scheduler.metric or experiment.metric
         return ASHAScheduler(time_attr="training_iteration", max_t=experiment.epochs,
