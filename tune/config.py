@@ -21,6 +21,12 @@ METRICS = ("val_joint_acc", "val_class_acc", "val_sum_acc", "val_loss")
 # ASHA may rank trials at its rungs by the training loss too: it is not a search objective, only
 # an early signal of which trials are learning.
 RUNG_METRICS = (*METRICS, "train_loss")
+
+
+def metric_mode(metric: str) -> str:
+    """Return ``min`` for a loss and ``max`` for an accuracy: the direction that is better."""
+    return "min" if metric.endswith("loss") else "max"
+
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
 # The harness sets these per trial; a sweep may not search them.
 HARNESS_KEYS = ("epochs", "threads", "device")
@@ -134,12 +140,14 @@ def _section(where: str, raw: Any, cls: type) -> Any:
     for key in raw:
         if key not in known:
             raise ConfigError(f"{where}.{key}: unknown key; allowed: {', '.join(known)}")
-    values = {}
-    for key, value in raw.items():
-        hint = str(known[key].type)
-        kind = {"int": int, "float": float, "str": str, "bool": bool}[hint.split(" |")[0]]
-        values[key] = _check_type(f"{where}.{key}", value, kind, optional="None" in hint)
-    return cls(**values)
+    return cls(**{key: _field_value(f"{where}.{key}", known[key], value) for key, value in raw.items()})
+
+
+def _field_value(where: str, spec: Any, value: Any) -> Any:
+    """Check ``value`` against a scalar dataclass field's type hint (``int``, ``float | None``, ...)."""
+    hint = str(spec.type)
+    kind = {"int": int, "float": float, "str": str, "bool": bool}[hint.split(" |")[0]]
+    return _check_type(where, value, kind, optional="None" in hint)
 
 
 def _param(key: str, raw: Any) -> Param:
@@ -213,12 +221,9 @@ def from_dict(raw: Any) -> Experiment:
         raise ConfigError("space: expected a non-empty mapping of hyperparameters")
     space = {key: _param(key, value) for key, value in space_raw.items()}
     values: dict[str, Any] = {"name": name, "space": space}
-    scalars = {"metric": str, "mode": str, "num_samples": int, "max_concurrent": int, "epochs": int,
-               "time_budget_s": float, "epoch_budget": int, "seed": int, "max_failures": int, "storage": str}
-    for key, kind in scalars.items():
-        if key in raw:
-            values[key] = _check_type(key, raw[key], kind, optional=key in ("time_budget_s", "epoch_budget"))
     sections = {"searcher": Searcher, "scheduler": Scheduler, "resources": Resources, "data": Data}
+    for key in raw.keys() - {"name", "space"} - sections.keys():
+        values[key] = _field_value(key, known[key], raw[key])
     for key, cls in sections.items():
         if key in raw:
             values[key] = _section(key, raw[key], cls)
@@ -234,7 +239,7 @@ def _check_ranges(e: Experiment) -> None:
 
     need(e.metric in METRICS, f"metric: {e.metric!r} is not reported; use one of {', '.join(METRICS)}")
     need(e.mode in ("max", "min"), f"mode: {e.mode!r} must be max or min")
-    expected_mode = "min" if e.metric == "val_loss" else "max"
+    expected_mode = metric_mode(e.metric)
     need(e.mode == expected_mode, f"mode: {e.metric} should be {expected_mode}imised; set mode: {expected_mode}")
     need(e.num_samples >= 1, f"num_samples: must be >= 1, got {e.num_samples}")
     need(e.max_concurrent >= 1, f"max_concurrent: must be >= 1, got {e.max_concurrent}")

@@ -12,7 +12,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from .config import Experiment
+from .config import Experiment, metric_mode
 
 STUDY_FILE = "optuna.journal"
 
@@ -126,7 +126,7 @@ def make_scheduler(experiment: Experiment) -> TrialScheduler:
     if experiment.scheduler.type == "asha":
         metric = experiment.scheduler.metric or experiment.metric
         return ASHAScheduler(time_attr="training_iteration", max_t=experiment.epochs,
-                             metric=metric, mode="min" if metric.endswith("loss") else "max",
+                             metric=metric, mode=metric_mode(metric),
                              grace_period=experiment.scheduler.grace_period,
                              reduction_factor=experiment.scheduler.reduction_factor)
     return FIFOScheduler()
