@@ -1,5 +1,6 @@
 """One real sweep (Ray Tune + OptunaSearch + ASHA, both designs) through the CLI, then checks on what it left."""
 
+import os
 import re
 
 import optuna
@@ -67,6 +68,38 @@ def test_output_is_a_clean_progress_table(sweep):
     assert "Checkpoint successfully created" not in out
     deprecations = [line for line in out.splitlines() if re.search("deprecat", line, re.I) and "ray" in line.lower()]
     assert not deprecations, deprecations
+
+
+def test_a_snapshot_is_written_only_after_the_previous_upload_finished(tmp_path):
+    """Ray copies each experiment snapshot to storage in a background thread. Writing the next one
+    into the staging folder during that copy once made a sweep log a traceback (a temporary file
+    vanished mid-copy). A 64 MiB staged file keeps the first copy busy while the second snapshot comes."""
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+
+    from tune.sweep import upload_snapshots_one_at_a_time
+
+    upload_snapshots_one_at_a_time()
+
+    class LocalStaging(StorageContext):  # the real staging folder needs a running Ray session
+        experiment_driver_staging_path = str(tmp_path / "staging")
+
+    storage = LocalStaging(storage_path=str(tmp_path / "storage"), experiment_dir_name="exp")
+    manager = _ExperimentCheckpointManager(storage=storage, checkpoint_period=0)
+    os.makedirs(storage.experiment_driver_staging_path)
+    (tmp_path / "staging" / "big.bin").write_bytes(os.urandom(64 << 20))
+    upload_running_during_save = []
+
+    def save():
+        upload = storage.syncer._sync_process
+        upload_running_during_save.append(bool(upload and upload.is_running))
+        (tmp_path / "staging" / "state.txt").write_text(str(len(upload_running_during_save)))
+
+    manager.sync_up_experiment_state(save, force=True)
+    manager.sync_up_experiment_state(save, force=True)
+    storage.syncer.wait()
+    assert upload_running_during_save == [False, False]
+    assert (tmp_path / "storage" / "exp" / "state.txt").read_text() == "2"
 
 
 def test_grid_searcher_runs_each_design_once(tmp_path):
