@@ -151,12 +151,13 @@ def test_missing_and_corrupt_data_and_unwritable_storage(tmp_path):
 
 
 def test_local_ray_binds_to_loopback():
-    code = ("import os; os.environ.setdefault('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER', '0')\n"
-            "import ray; from tune.sweep import start_ray; start_ray(None)\n"
+    """Even when Ray was imported first (``tune.analysis`` imports it), as the CLI does."""
+    code = ("import ray, tune.analysis; from tune.sweep import start_ray; start_ray(None)\n"
             "print(ray.get_runtime_context().gcs_address); print([n['NodeManagerAddress'] for n in ray.nodes()])\n"
             "ray.shutdown()")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "RAY_ADDRESS": ""})
+                          env={**{k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"},
+                               "RAY_ADDRESS": ""})
     assert proc.returncode == 0, proc.stderr[-2000:]
     gcs, nodes = proc.stdout.splitlines()[-2:]
     assert gcs.startswith("127.0.0.1:") and nodes == "['127.0.0.1']"

@@ -24,6 +24,7 @@ def test_sweep_writes_trials_dataframe(sweep):
                    "epoch", "trial_status"):
         assert column in trials
     assert trials["val_joint_acc"].between(0, 1).all()
+    assert (trials["node_ip"] == "127.0.0.1").all(), "a local sweep's Ray listened on a public address"
     assert set(trials["trial_status"]) <= {"completed", "stopped_early"}
     assert (trials.loc[trials["trial_status"] == "completed", "epoch"] == 2).all()
     parquet = pd.read_parquet(run_dir / "trials.parquet")

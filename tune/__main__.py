@@ -134,10 +134,6 @@ def confirm_command(args: argparse.Namespace) -> int:
 
 
 def sweep_command(args: argparse.Namespace) -> int:
-    if not args.address:
-        # Read when Ray is imported: a local Ray then binds GCS, raylet and workers to 127.0.0.1
-        # instead of the machine's public address.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from .sweep import SweepError, run_sweep
 
     overrides = {"num_samples": args.num_samples, "max_concurrent": args.max_concurrent,

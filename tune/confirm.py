@@ -95,10 +95,11 @@ def run_confirm(configs: list[dict[str, Any]], seeds: int, epochs: int | None, o
     if parallel:
         import ray
 
+        from .sweep import start_ray
+
         own_ray = not ray.is_initialized()
         if own_ray:
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-            ray.init(include_dashboard=False, logging_level="WARNING")
+            start_ray(os.environ.get("RAY_ADDRESS"))
         try:
             data_ref = ray.put(data)
             task = ray.remote(num_cpus=cpus_per_task)(train_and_test)

@@ -27,6 +27,8 @@ from .search import STUDY_FILE, make_scheduler, make_searcher, study_storage
 
 EXPERIMENT_FILE = "experiment.yaml"
 RESULT_FILES = ("trials.csv", "trials.parquet", "best_config.yaml")
+# While "0", Ray binds to 127.0.0.1 instead of the machine's public address.
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 class SweepError(Exception):
@@ -239,8 +241,15 @@ def start_ray(address: str | None) -> None:
 
     if address:
         ray.init(address=address, logging_level="WARNING")
-    else:
-        ray.init(include_dashboard=False, dashboard_host="127.0.0.1", logging_level="WARNING")
+        return
+    if LOCAL_ONLY_ENV not in os.environ:
+        from ray._private import ray_constants
+
+        # Ray's processes read this when they start. Ray itself read it when it was imported, which
+        # may have been before this call (the analysis modules import Ray), so set its copy as well.
+        os.environ[LOCAL_ONLY_ENV] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1", logging_level="WARNING")
 
 
 def upload_snapshots_one_at_a_time() -> None:
