@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -96,7 +97,7 @@ class TrainConfig:
             raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
         if self.weight_decay < 0 or self.threads < 0 or not 0 <= self.momentum < 1:
             raise ValueError("weight_decay and threads must be >= 0 and momentum in [0, 1)")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+        if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):
             raise ValueError(f"device: {self.device!r} is not auto, cpu or cuda[:N]")
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,7 +125,7 @@ class FitResult:
 
 def load_config_file(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read training settings from YAML: one mapping of ``TrainConfig`` fields, or
-    ``configs:`` with a list of them (one per design). A ``meta:`` mapping is kept
+    ``configs:`` with a list of them (at most one per design). A ``meta:`` mapping is kept
     for people and ignored here.
 
     Returns:
@@ -149,21 +150,34 @@ def load_config_file(path: str | os.PathLike) -> list[dict[str, Any]]:
             raise ValueError(f"{path}: 'configs' must be a non-empty list and stand alone beside 'meta'")
     else:
         entries = [loaded]
+    archs = []
     for entry in entries:
         if not isinstance(entry, dict):
             raise ValueError(f"{path}: each config must be a mapping, got {entry!r}")
         try:
-            TrainConfig.from_dict(entry)
+            archs.append(TrainConfig.from_dict(entry).arch)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
+    for arch in sorted({a for a in archs if archs.count(a) > 1}):
+        # Commands pick, name and pool a file's configs by design, so two for one design would clash.
+        raise ValueError(f"{path}: {archs.count(arch)} configs for the {arch!r} design; a file holds at most one "
+                         f"per design (export one with 'python -m tune best RUN_DIR --by arch')")
     return entries
 
 
 def pick_device(name: str) -> torch.device:
-    """Resolve ``auto`` to CUDA when present, else CPU."""
+    """Resolve ``auto`` to CUDA when present, else CPU.
+
+    Raises:
+        ValueError: ``name`` asks for a CUDA device this machine does not have.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device: {name!r}, but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                         "use auto or cpu")
+    return device
 
 
 # glibc's mallopt parameter numbers (malloc.h).

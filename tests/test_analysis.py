@@ -102,6 +102,10 @@ def test_export_round_trips_to_the_same_validation_metric(sweep, tmp_path):
     per_arch = _cli(tmp_path, "best", str(run_dir), "--by", "arch", "-o", str(tmp_path / "both.yaml"))
     assert per_arch.returncode == 0
     assert {c["arch"] for c in load_config_file(tmp_path / "both.yaml")} <= {"late", "pixel"}
+    # One config per trial would put several configs of one design in a file, which training reads by design.
+    per_trial = _cli(tmp_path, "best", str(run_dir), "--by", "trial_id", "-o", str(tmp_path / "each.yaml"))
+    assert per_trial.returncode == 2 and "several configs for the" in per_trial.stderr
+    assert len(per_trial.stderr.strip().splitlines()) == 1 and not (tmp_path / "each.yaml").exists()
 
 
 def test_confirm_trains_seeds_and_reports_intervals(sweep, tmp_path):

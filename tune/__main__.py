@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     best = commands.add_parser("best", help="export the best config as YAML for 'dualnet train' and 'tune confirm'")
     best.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    best.add_argument("--by", help="one best config per value of this column, e.g. arch")
+    best.add_argument("--by", help="one best config per value of this column; a config file holds one per design, "
+                      "so arch (or a column that splits the designs no further)")
     best.add_argument("-o", "--output", type=Path, required=True, help="YAML file to write")
 
     confirm = commands.add_parser(
@@ -96,6 +97,8 @@ def analyze_command(args: argparse.Namespace) -> int:
 
 
 def best_command(args: argparse.Namespace) -> int:
+    from dualnet import TrainConfig
+
     from . import analysis
     from .sweep import write_config_file
 
@@ -106,6 +109,11 @@ def best_command(args: argparse.Namespace) -> int:
         config = {p: (row[p].item() if hasattr(row[p], "item") else row[p]) for p in sweep.params}
         config["epochs"] = int(next(iter(sweep.experiments.values())).epochs)
         configs.append(config)
+    archs = [config.get("arch", TrainConfig.arch) for config in configs]
+    repeated = sorted({arch for arch in archs if archs.count(arch) > 1})
+    if repeated:
+        raise analysis.AnalysisError(f"--by {args.by} gives several configs for the {repeated[0]!r} design, and a "
+                                     "config file holds one per design; use --by arch, or leave --by out")
     meta = {"run": str(args.run_dir), "metric": sweep.metric,
             "trials": {row["trial_id"]: float(row[f"last_{sweep.metric}"]) for _, row in rows.iterrows()},
             "note": "validation metrics; confirm on test with python -m tune confirm"}
