@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-dir", help="folder with the four Fashion-MNIST IDX files (.gz or raw); "
                       "also $DUALNET_DATA_DIR")
     data.add_argument("--no-download", action="store_true", help="never download; fail if no local copy is found")
-    data.add_argument("--val-size", type=int, default=10_000, help="training images held out for validation")
+    data.add_argument("--val-size", type=int, default=10_000, help="training images held out for validation (default 10000; 0 trains on all 60k and "
+                      "scores nothing each epoch, e.g. with --eval-test)")
     data.add_argument("--train-subset", type=int, default=None, help="train on only this many images (quick runs)")
     data.add_argument("--data-seed", type=int, default=0, help="seed of the validation split and of the fixed "
                       "validation/test numbers")
@@ -81,12 +82,13 @@ def _configs(args: argparse.Namespace) -> list[TrainConfig]:
 
 
 def _epoch_line(arch: str, epochs: int, metrics: dict, images: int) -> str:
-    n = metrics["val_n"]
-    return (f"[{arch}] epoch {metrics['epoch']:>2}/{epochs} | images {images} | train loss {metrics['train_loss']:.4f}"
-            f" | val class {metrics['val_class_correct']}/{n} {100 * metrics['val_class_acc']:.2f}%"
-            f" | sum {metrics['val_sum_correct']}/{n} {100 * metrics['val_sum_acc']:.2f}%"
-            f" | joint {100 * metrics['val_joint_acc']:.2f}% | {metrics['images_per_s']:,.0f} img/s"
-            f" | {metrics['epoch_s']:.1f} s")
+    line = f"[{arch}] epoch {metrics['epoch']:>2}/{epochs} | images {images} | train loss {metrics['train_loss']:.4f}"
+    if "val_n" in metrics:  # --val-size 0 trains on every image and has nothing to score each epoch
+        n = metrics["val_n"]
+        line += (f" | val class {metrics['val_class_correct']}/{n} {100 * metrics['val_class_acc']:.2f}%"
+                 f" | sum {metrics['val_sum_correct']}/{n} {100 * metrics['val_sum_acc']:.2f}%"
+                 f" | joint {100 * metrics['val_joint_acc']:.2f}%")
+    return line + f" | {metrics['images_per_s']:,.0f} img/s | {metrics['epoch_s']:.1f} s"
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -102,7 +104,7 @@ def train_command(args: argparse.Namespace) -> int:
         result = fit(config, data, on_epoch=lambda report, c=config: print(
             _epoch_line(c.arch, c.epochs, report.metrics, len(data.train)), flush=True))
         final = result.history[-1]
-        row = {"arch": config.arch, "status": result.status, "val_joint_acc": final["val_joint_acc"],
+        row = {"arch": config.arch, "status": result.status, "val_joint_acc": final.get("val_joint_acc"),
                "seconds": sum(m["epoch_s"] for m in result.history)}
         if args.eval_test and result.status == "completed":
             test = evaluate_split(result.model, data.test, config)
@@ -123,7 +125,8 @@ def train_command(args: argparse.Namespace) -> int:
         print("\narch   status     val_joint  test_joint  minutes")
         for row in summary:
             test = f"{100 * row['test_joint_acc']:.2f}%" if "test_joint_acc" in row else "-"
-            print(f"{row['arch']:<6} {row['status']:<10} {100 * row['val_joint_acc']:.2f}%     {test:<10}  "
+            val = f"{100 * row['val_joint_acc']:.2f}%" if row["val_joint_acc"] is not None else "-"
+            print(f"{row['arch']:<6} {row['status']:<10} {val:<10} {test:<10}  "
                   f"{row['seconds'] / 60:.1f}")
     return 1 if any(row["status"] != "completed" for row in summary) else 0
 

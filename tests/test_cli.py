@@ -51,11 +51,24 @@ def test_bad_flags_and_config_give_one_line_exit_2(tmp_path):
     write_dataset(tmp_path / "idx", n_train=600, n_test=100)
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"arch": "late", "learning_rate": 0.1}))
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(yaml.safe_dump({"configs": [{"arch": "late", "width": 4}, {"arch": "late", "width": 8}]}))
     for args, message in ((["--config", str(bad)], "learning_rate"), (["--lr", "-1"], "lr"),
-                          (["--train-subset", "999999"], "train_subset")):
+                          (["--train-subset", "999999"], "train_subset"),
+                          (["--config", str(twice)], "2 configs for the 'late' design"),
+                          (["--device", "cudax"], "cuda[:N]"), (["--device", "cuda:7"], "CUDA device(s)")):
         proc = _train(tmp_path, *args, "--data-dir", str(tmp_path / "idx"), "--val-size", "100")
         assert proc.returncode == 2, (args, proc.stderr)
         assert message in proc.stderr and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_val_size_0_trains_on_every_image_and_scores_only_the_test_set(tmp_path):
+    write_dataset(tmp_path / "idx", n_train=600, n_test=100)
+    proc = _train(tmp_path, "--arch", "both", "--epochs", "1", "--width", "4", "--hidden", "16", "--val-size", "0",
+                  "--eval-test", "--data-dir", str(tmp_path / "idx"))
+    assert proc.returncode == 0, proc.stderr
+    assert "[late] epoch  1/1 | images 600 | train loss" in proc.stdout and "val class" not in proc.stdout
+    assert sum(line.startswith("[pixel] test:") for line in proc.stdout.splitlines()) == 1
 
 
 def test_help_documents_every_training_setting():
