@@ -100,6 +100,9 @@ def test_validation_and_test_pairs_are_stable_and_seeded():
     assert torch.equal(a.val.numbers, b.val.numbers) and torch.equal(a.test.numbers, b.test.numbers)
     assert torch.equal(a.val.images, b.val.images)
     assert not torch.equal(a.val.numbers, c.val.numbers)
+    # A confirmation run (no validation split) and a search run score the same test pairs.
+    for val_size in (0, 100, 500):
+        assert torch.equal(make_data(*_tensors(), val_size=val_size, seed=1).test.numbers, a.test.numbers)
 
 
 def test_training_numbers_are_redrawn_each_epoch_and_reproducible():
