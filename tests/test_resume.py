@@ -76,6 +76,10 @@ def test_resume_refuses_another_experiments_folder(tmp_path):
     proc = run_cli(tmp_path, "sweep", str(other), "--resume")
     assert proc.returncode == 2 and "belongs to a different experiment" in proc.stderr and "epochs" in proc.stderr
     assert proc.stderr.count("\n") == 1
+    # Ray restores the concurrency limit with the searcher; a new one would be silently ignored.
+    first = tiny_experiment(tmp_path, name="shared", num_samples=1, epochs=1)
+    narrower = run_cli(tmp_path, "sweep", str(first), "--resume", "--max-concurrent", "1")
+    assert narrower.returncode == 2 and "differs in max_concurrent)" in narrower.stderr, narrower.stderr
     again = run_cli(tmp_path, "sweep", str(first))
     assert again.returncode == 2 and "already holds a sweep" in again.stderr
     nothing = run_cli(tmp_path, "sweep", str(tiny_experiment(tmp_path, name="fresh")), "--resume")

@@ -84,7 +84,8 @@ def _prepare_run_dir(experiment: Experiment, run_dir: Path, resume: bool) -> Non
         if _identity(previous) != _identity(experiment):
             changed = [k for k in _identity(experiment) if _identity(previous)[k] != _identity(experiment)[k]]
             raise SweepError(f"--resume: {run_dir} belongs to a different experiment (differs in "
-                             f"{', '.join(changed)}); give the same experiment file and flags, or another --name")
+                             f"{', '.join(changed)}); a resumed sweep keeps what it started with, so give the "
+                             f"same experiment file and flags, or another --name")
         return
     if saved.exists():
         raise SweepError(f"{run_dir} already holds a sweep; pass --resume to continue it, or choose another "
@@ -101,10 +102,13 @@ def _prepare_run_dir(experiment: Experiment, run_dir: Path, resume: bool) -> Non
 
 
 def _identity(experiment: Experiment) -> dict[str, Any]:
-    """The parts of an experiment that a resumed sweep must share with the original."""
+    """The parts of an experiment that a resumed sweep must share with the original. The limits and
+    budgets are here because Ray restores them with the searcher and the run config, so a new value
+    would be silently ignored."""
     d = experiment.to_dict()
     return {k: d[k] for k in ("name", "space", "metric", "mode", "num_samples", "epochs", "searcher",
-                              "scheduler", "data", "seed")}
+                              "scheduler", "data", "seed", "max_concurrent", "epoch_budget", "time_budget_s",
+                              "max_failures")}
 
 
 def trial_resources(experiment: Experiment) -> dict[str, float]:
