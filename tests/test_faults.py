@@ -126,6 +126,22 @@ def _one_line_exit_2(proc, *needles):
         assert needle in proc.stderr
 
 
+def test_trials_failing_before_their_first_report_get_rows_and_exit_1(tmp_path):
+    """A trial that dies before reporting (here its model needs 400 TB, more than any address space) is
+    in trials.csv with its config and error, and a sweep in which no trial reported exits 1."""
+    experiment = tiny_experiment(tmp_path, name="unbuildable", num_samples=2, epochs=1, max_failures=0,
+                                 scheduler={"type": "none"},
+                                 space={"arch": "late", "lr": {"loguniform": [1e-3, 1e-2]}, "width": 1024,
+                                        "hidden": 1_000_000_000})
+    proc = run_cli(tmp_path, "sweep", str(experiment))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "no trial reported a result" in proc.stderr and "can't allocate memory" in proc.stderr
+    trials = pd.read_csv(tmp_path / "runs" / "unbuildable" / "trials.csv")
+    assert len(trials) == 2 and (trials["trial_status"] == "errored").all()
+    assert (trials["config/hidden"] == 1_000_000_000).all() and trials["config/lr"].between(1e-3, 1e-2).all()
+    assert trials["error"].str.contains("can't allocate memory").all()
+
+
 def test_impossible_resources_fail_at_launch(tmp_path):
     experiment = tiny_experiment(tmp_path, name="greedy")
     proc = run_cli(tmp_path, "sweep", str(experiment), "--cpus-per-trial", "64", timeout=120)

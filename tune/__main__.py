@@ -154,7 +154,11 @@ def sweep_command(args: argparse.Namespace) -> int:
     except SweepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0 if not outcome.trials.empty else 1
+    if outcome.best_config is None:
+        print(f"error: no trial reported a result; each trial's error.txt in {outcome.run_dir} says why",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

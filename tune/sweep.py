@@ -8,8 +8,10 @@ folders, plus ``experiment.yaml`` (the validated experiment), ``optuna.journal``
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import posixpath
 import sys
 import time
 import uuid
@@ -154,11 +156,27 @@ def trial_status(last: dict, epochs: int, errored: bool, ended: bool) -> str:
 
 
 def summarize(results, experiment: Experiment) -> pd.DataFrame:
-    """One row per trial: Ray's last result with ``config/*`` columns, plus ``trial_status``."""
+    """One row per trial: Ray's last result with ``config/*`` columns, plus ``error`` and ``trial_status``.
+
+    A trial that failed before its first report (say, out of memory) has a row too, with its
+    config and error and no metrics.
+    """
     frame = results.get_dataframe()
-    errors = {r.metrics.get("trial_id") if r.metrics else None: repr(r.error) for r in results if r.error}
+    reported = set(frame["trial_id"]) if "trial_id" in frame else set()
+    errors, unreported = {}, []
+    for result in results:
+        trial_id = (result.metrics or {}).get("trial_id") or posixpath.basename(result.path)
+        if result.error:
+            errors[trial_id] = repr(result.error)
+        if trial_id not in reported:
+            # Ray keeps no config for such a trial in its result, but wrote it to the trial folder at the start.
+            with result.filesystem.open_input_stream(posixpath.join(result.path, "params.json")) as f:
+                config = json.loads(f.read())
+            unreported.append({"trial_id": trial_id, **{f"config/{k}": v for k, v in config.items()}})
+    if unreported:
+        frame = pd.concat([frame, pd.DataFrame(unreported)], ignore_index=True)
     if frame.empty:
-        return frame
+        return pd.DataFrame(columns=["trial_id", "error", "trial_status"])
     frame["error"] = [errors.get(trial_id, "") for trial_id in frame["trial_id"]]
     frame["trial_status"] = [trial_status(row, experiment.epochs, bool(row["error"]), ended=True)
                              for row in frame.to_dict("records")]
