@@ -162,7 +162,11 @@ def test_missing_and_corrupt_data_and_unwritable_storage(tmp_path):
     unwritable = tiny_experiment(tmp_path, name="nowhere")
     _one_line_exit_2(run_cli(tmp_path, "sweep", str(unwritable), "--storage", str(tmp_path / "a-file" / "runs")),
                      "not writable")
-    for name in ("nodata", "corrupt"):
+    # Each size is fine alone; together they need more than the 1500 training images tiny data has.
+    too_big = tiny_experiment(tmp_path, name="toobig", data={"dir": str(tmp_path / "idx"), "download": False,
+                                                            "val_size": 1000, "train_subset": 1000})
+    _one_line_exit_2(run_cli(tmp_path, "sweep", str(too_big)), "data: train_subset=1000")
+    for name in ("nodata", "corrupt", "toobig"):
         assert not (tmp_path / "runs" / name).exists(), "a rejected sweep left a run folder behind"
 
 

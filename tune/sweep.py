@@ -319,11 +319,15 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
     Raises:
         SweepError: bad storage, a wrong resume folder, or too few cluster resources.
         DataError: the dataset is missing or damaged.
+        ConfigError: ``data.val_size`` and ``data.train_subset`` ask for more images than the dataset has.
     """
     storage_path, run_dir = run_location(experiment)
     _prepare_run_dir(experiment, run_dir, resume)
-    data = load_data(experiment.data.dir, download=experiment.data.download, val_size=experiment.data.val_size,
-                     seed=experiment.data.seed, train_subset=experiment.data.train_subset)
+    try:
+        data = load_data(experiment.data.dir, download=experiment.data.download, val_size=experiment.data.val_size,
+                         seed=experiment.data.seed, train_subset=experiment.data.train_subset)
+    except ValueError as exc:  # sizes that only the dataset's own size rules out
+        raise ConfigError(f"data: {exc}") from None
 
     # Ray reads these at import and Tuner creation; keep bookkeeping proportional to the concurrency.
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(experiment.max_concurrent))
