@@ -128,6 +128,11 @@ def test_confirm_trains_seeds_and_reports_intervals(sweep, tmp_path):
         assert model.arch == arch
     assert report["difference"]["of"] == "late - pixel"
     assert "late - pixel" in proc.stdout and "95% interval" in proc.stdout
+    # A task bigger than the cluster would wait forever in Ray's queue.
+    greedy = _cli(tmp_path, "confirm", str(both), "--seeds", "1", "--out", str(tmp_path / "greedy"),
+                  "--data-dir", data_dir, "--no-download", "--cpus-per-task", "64")
+    assert greedy.returncode == 2 and "--cpus-per-task 64: the Ray cluster has" in greedy.stderr
+    assert greedy.stderr.count("\n") == 1 and not (tmp_path / "greedy" / "confirm.json").exists()
 
 
 def test_clear_errors_for_non_runs_and_empty_runs(tmp_path):

@@ -15,9 +15,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dualnet import DualData, TrainConfig, evaluate_split, fit, load_data, save_model
+
+from .config import ConfigError
 
 # Two-sided 95% Student-t quantiles t(0.975, df) for df = 1..30; the normal value beyond.
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -75,6 +75,12 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def _check_cpus(cpus_per_task: int, available: float) -> None:
+    if cpus_per_task > available:  # Ray would wait forever for a worker that big
+        raise ConfigError(f"--cpus-per-task {cpus_per_task}: the Ray cluster has {available:g} CPUs; "
+                          f"ask for at most that")
+
+
 def run_confirm(configs: list[dict[str, Any]], seeds: int, epochs: int | None, out_dir: Path,
                 data_dir: str | None = None, download: bool = True, cpus_per_task: int = 1,
                 parallel: bool = True, log=print) -> dict[str, Any]:
@@ -84,6 +90,11 @@ def run_confirm(configs: list[dict[str, Any]], seeds: int, epochs: int | None, o
 
     Returns:
         The contents of ``confirm.json``.
+
+    Raises:
+        ConfigError: ``cpus_per_task`` is more than the Ray cluster has.
+        ValueError: a bad training setting (named).
+        DataError: the dataset is missing or damaged.
     """
     jobs = [{**c, "seed": seed, **({"epochs": epochs} if epochs else {})} for c in configs for seed in range(seeds)]
     for job in jobs:
@@ -98,9 +109,12 @@ def run_confirm(configs: list[dict[str, Any]], seeds: int, epochs: int | None, o
         from .sweep import start_ray
 
         own_ray = not ray.is_initialized()
+        if own_ray and not os.environ.get("RAY_ADDRESS"):
+            _check_cpus(cpus_per_task, os.cpu_count() or 1)  # before Ray's start-up banner
         if own_ray:
             start_ray(os.environ.get("RAY_ADDRESS"))
         try:
+            _check_cpus(cpus_per_task, ray.cluster_resources().get("CPU", 0))
             data_ref = ray.put(data)
             task = ray.remote(num_cpus=cpus_per_task)(train_and_test)
             pending = {task.remote(job, data_ref, cpus_per_task): job for job in jobs}
@@ -119,7 +133,7 @@ def run_confirm(configs: list[dict[str, Any]], seeds: int, epochs: int | None, o
     else:
         runs = []
         for job in jobs:
-            runs.append(train_and_test(job, data, cpus_per_task or torch.get_num_threads()))
+            runs.append(train_and_test(job, data, cpus_per_task))
     models = out_dir / "models"
     models.mkdir(parents=True, exist_ok=True)
     for run in runs:
