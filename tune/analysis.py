@@ -20,11 +20,10 @@ import optuna
 import pandas as pd
 import yaml
 
-from .config import ConfigError, Experiment, from_dict
+from .config import METRICS, ConfigError, Experiment, from_dict, metric_mode
 from .search import STUDY_FILE, study_storage
 from .sweep import EXPERIMENT_FILE, MACHINE_KEYS, trial_status
 
-VAL_METRICS = ("val_joint_acc", "val_class_acc", "val_sum_acc", "val_loss")
 
 
 class AnalysisError(ValueError):
@@ -89,7 +88,7 @@ class Sweep:
         """
         metric = metric or self.metric
         column = f"last_{metric}"
-        ascending = metric == "val_loss"
+        ascending = metric_mode(metric) == "min"
         pool = self.trials[self.trials["status"] == "completed"]
         if pool.empty:
             pool = self.trials[self.trials[column].notna()]
@@ -173,10 +172,10 @@ def _load_one(run_dir: Path) -> tuple[Experiment, pd.DataFrame, pd.DataFrame]:
                   "epochs_run": rows[-1]["epoch"] if rows else 0,
                   "wall_s": rows[-1].get("time_total_s") if rows else None,
                   "node_ip": rows[-1].get("node_ip") if rows else None}
-        for metric in VAL_METRICS:
+        for metric in METRICS:
             values = [r[metric] for r in rows if r.get(metric) is not None]
             record[f"last_{metric}"] = values[-1] if values else None
-            best = (min if metric == "val_loss" else max)(values) if values else None
+            best = (min if metric_mode(metric) == "min" else max)(values) if values else None
             record[f"best_{metric}"] = best
         trial_rows.append(record)
         for r in rows:

@@ -11,12 +11,12 @@ from .config import Experiment
 
 
 class ProgressTable(tune.Callback):
-    """Prints trial, arch, lr, width, epoch and the metric as results arrive."""
-
-    HEADER = f"{'time':>6}  {'trial':<10} {'arch':<6} {'lr':>9} {'width':>5} {'epoch':>5}  {'val_joint_acc':>13}  note"
+    """Prints trial, arch, lr, width, epoch and the experiment's metric as results arrive."""
 
     def __init__(self, experiment: Experiment, enabled: bool = True, stream=None):
         self._experiment = experiment
+        self._header = (f"{'time':>6}  {'trial':<10} {'arch':<6} {'lr':>9} {'width':>5} {'epoch':>5}  "
+                        f"{experiment.metric:>13}  note")
         self._enabled = enabled
         self._stream = stream or sys.stdout
         self._started = time.monotonic()
@@ -26,7 +26,7 @@ class ProgressTable(tune.Callback):
         if not self._enabled:
             return
         if self._lines % 40 == 0:
-            print(self.HEADER, file=self._stream)
+            print(self._header, file=self._stream)
         config = trial.config
         elapsed = time.monotonic() - self._started
         print(f"{elapsed / 60:5.1f}m  {trial.trial_id:<10} {str(config.get('arch', '')):<6} "
@@ -43,8 +43,9 @@ class ProgressTable(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
         done = last.get("epoch", 0)
+        stopped = "stopped early (ASHA)" if self._experiment.scheduler.type == "asha" else "stopped"
         note = "completed" if done >= self._experiment.epochs else (
-            "diverged" if last.get("status") == "diverged" else "stopped early (ASHA)")
+            "diverged" if last.get("status") == "diverged" else stopped)
         self._print(trial, f"{done}/{self._experiment.epochs}", "", note)
 
     def on_trial_error(self, iteration, trials, trial, **info):
