@@ -52,14 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-dir", help="folder with the four Fashion-MNIST IDX files (.gz or raw); "
                       "also $DUALNET_DATA_DIR")
     data.add_argument("--no-download", action="store_true", help="never download; fail if no local copy is found")
-    data.add_argument("--val-size", type=int, default=10_000, help="training images held out for validation (default 10000; 0 trains on all 60k and "
-                      "scores nothing each epoch, e.g. with --eval-test)")
+    data.add_argument("--val-size", type=int, default=10_000, help="training images held out for validation "
+                      "(default 10000; 0 trains on all 60k and scores nothing each epoch, e.g. with --eval-test)")
     data.add_argument("--train-subset", type=int, default=None, help="train on only this many images (quick runs)")
     data.add_argument("--data-seed", type=int, default=0, help="seed of the validation split and of the fixed "
                       "validation/test numbers")
     out = train.add_argument_group("output")
     out.add_argument("--eval-test", action="store_true", help="after training, score once on the 10k test set")
-    out.add_argument("--save", type=Path, help="write the trained model here (with --arch both, "
+    out.add_argument("--save", type=Path, help="write the trained model here (when training both designs, "
                      "NAME-late.pt and NAME-pixel.pt); load it with dualnet.load_model")
     return parser
 

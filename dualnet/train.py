@@ -298,7 +298,9 @@ def fit(config: TrainConfig | dict[str, Any], data: DualData,
         diverged = not math.isfinite(train_loss)
         if diverged:
             status = "diverged"
-            scores = {"loss": float("nan"), "class_acc": 0.0, "sum_acc": 0.0, "joint_acc": 0.0,
+            # The worst score on every metric, never NaN: Optuna refuses NaN, so a diverged trial would
+            # otherwise be lost from the study instead of teaching the searcher to avoid its region.
+            scores = {"loss": float("inf"), "class_acc": 0.0, "sum_acc": 0.0, "joint_acc": 0.0,
                       "class_correct": 0, "sum_correct": 0, "joint_correct": 0, "n": len(val)}
         elif len(val):
             with _autocast(config, device):

@@ -82,6 +82,8 @@ def test_divergence_stops_with_status_and_zero_metric(synthetic_data):
     assert result.status == "diverged"
     assert len(result.history) == 1 < FAST["epochs"]
     assert seen[-1].metrics["val_joint_acc"] == 0.0 and seen[-1].metrics["status"] == "diverged"
+    # Not NaN, which Optuna refuses: a search on val_loss would lose the trial.
+    assert seen[-1].metrics["val_loss"] == float("inf")
 
 
 @pytest.mark.parametrize("bad,key", [({"lr": -1}, "lr"), ({"optimizer": "adam"}, "optimizer"),

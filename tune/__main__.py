@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("experiment", type=Path, help="experiment YAML, e.g. experiments/quick.yaml")
     sweep.add_argument("--num-samples", type=int, help="number of trials")
     sweep.add_argument("--max-concurrent", type=int, help="trials running at once")
-    sweep.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (also its torch threads)")
+    sweep.add_argument("--cpus-per-trial", type=float, help="CPUs per trial; its torch threads are the whole CPUs in it (at least 1)")
     sweep.add_argument("--gpus-per-trial", type=float, help="GPUs per trial; fractions share a GPU (e.g. 0.25)")
     sweep.add_argument("--epochs", type=int, help="full training budget of a trial in epochs")
     sweep.add_argument("--epoch-budget", type=int, help="epochs all trials may train together; once spent, no "
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     confirm = commands.add_parser(
         "confirm", help="retrain a config with several seeds on all 60k training images and score on test",
-        description="The only command that reads the test set. Seeds run as parallel Ray tasks.")
+        description="The only tune command that reads the test set. Seeds run as parallel Ray tasks.")
     confirm.add_argument("config", type=Path, help="YAML from 'python -m tune best' (one config or one per design)")
     confirm.add_argument("--seeds", type=int, default=5, help="seeds per config (default 5)")
     confirm.add_argument("--epochs", type=int, help="override the config's epochs")

@@ -25,7 +25,8 @@ class BudgetAwareOptunaSearch(OptunaSearch):
     would teach TPE (and fANOVA) that a 1-epoch score is a final one. Here a trial
     that ends before ``full_epochs`` without diverging becomes PRUNED in the study,
     keeping its per-epoch intermediate values. A diverged trial stays COMPLETE with
-    its reported 0, so the searcher learns to avoid that region.
+    its reported worst score (0 accuracy, infinite loss), so the searcher learns to avoid
+    that region.
 
     With ``epoch_budget``, ``suggest`` answers FINISHED once the trials together have
     reported that many epochs; trials already running go on to their end. The count
