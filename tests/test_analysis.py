@@ -145,3 +145,16 @@ def test_clear_errors_for_non_runs_and_empty_runs(tmp_path):
     assert proc.returncode == 2 and "has no trials yet" in proc.stderr and proc.stderr.count("\n") == 1
     proc = _cli(tmp_path, "best", str(empty), "-o", str(tmp_path / "x.yaml"))
     assert proc.returncode == 2 and not (tmp_path / "x.yaml").exists()
+
+
+def test_confirm_summary_names_diverged_seeds_it_counted_as_zero():
+    from tune.confirm import format_summary, summarize
+
+    runs = [{"arch": "late", "seed": seed, "status": status, "test_joint_acc": acc, "test_class_acc": acc,
+             "test_sum_acc": acc} for seed, status, acc in ((0, "completed", 0.9), (1, "diverged", 0.0),
+                                                            (2, "completed", 0.9))]
+    summary = summarize(runs)
+    assert summary["designs"]["late"]["joint_acc"]["mean"] == pytest.approx(0.6)
+    assert summary["diverged"] == {"late": [1]}
+    text = format_summary({"seeds": 3, **summary})
+    assert "note: late diverged with seed(s) 1; each counts as 0 accuracy above" in text

@@ -59,7 +59,8 @@ def train_and_test(config: dict[str, Any], data: DualData, threads: int) -> dict
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per design: mean ± std and 95% interval of each test metric; for two designs, their paired difference."""
+    """Per design: mean ± std and 95% interval of each test metric, and the seeds that diverged (scored 0);
+    for two designs, their paired difference."""
     archs = sorted({r["arch"] for r in runs})
     summary: dict[str, Any] = {"designs": {}}
     for arch in archs:
@@ -72,6 +73,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                      if r["arch"] == a and r["seed"] in by_seed] for m in TEST_METRICS}
         summary["difference"] = {"of": f"{a} - {b}", "paired_by": "seed",
                                  **{m: interval(v) for m, v in diffs.items() if v}}
+    summary["diverged"] = {arch: sorted(r["seed"] for r in runs if r["arch"] == arch and r["status"] == "diverged")
+                           for arch in archs}
     return summary
 
 
@@ -164,4 +167,8 @@ def format_summary(report: dict[str, Any]) -> str:
                 s = d[metric]
                 lines.append(f"{d['of']:<19}{metric:<11}{100 * s['mean']:+7.2f} pts  95% interval "
                              f"[{100 * s['ci95_low']:+.2f}, {100 * s['ci95_high']:+.2f}] (paired by seed)")
+    for arch, seeds in report.get("diverged", {}).items():
+        if seeds:
+            lines.append(f"note: {arch} diverged with seed(s) {', '.join(map(str, seeds))}; each counts as 0 "
+                         f"accuracy above")
     return "\n".join(lines)
