@@ -1,12 +1,11 @@
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 from dualnet import data as data_module
-from dualnet.data import DataError, load_data, load_fashion_mnist, make_data, pixel_overlap_fraction
+from dualnet.data import DataError, load_fashion_mnist, make_data, pixel_overlap_fraction
 
 from .conftest import REPO, synthetic_arrays, write_dataset
 

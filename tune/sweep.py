@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from dualnet import DataError, load_data
+from dualnet import load_data
 
 from .config import ConfigError, Experiment, from_dict
 from .search import STUDY_FILE, make_scheduler, make_searcher, study_storage
