@@ -177,3 +177,4 @@ def test_asha_ranks_rungs_by_the_scheduler_metric(rung_metric, second_trial):
                                                    "val_joint_acc": 0.1}) == "CONTINUE"
     assert scheduler.on_trial_result(None, second, {"training_iteration": 1, "train_loss": 2.0,
                                                     "val_joint_acc": 0.9}) == second_trial
+

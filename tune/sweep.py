@@ -257,6 +257,19 @@ def _close_orphaned_study_trials(run_dir: Path, experiment: Experiment) -> None:
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 
+def _mark_unfinished(trials: pd.DataFrame, run_dir: Path, experiment: Experiment) -> None:
+    """In a sweep cut short, relabel the trials that were cut off mid-run (they continue on
+    ``--resume``) from ``stopped_early`` to ``unfinished``. Trials the scheduler stopped are PRUNED
+    in the study and keep their label."""
+    import optuna
+
+    study = optuna.load_study(study_name=experiment.name, storage=study_storage(run_dir))
+    pruned = {t.user_attrs.get("ray_trial_id")
+              for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))}
+    cut_off = (trials["trial_status"] == "stopped_early") & ~trials["trial_id"].isin(pruned)
+    trials.loc[cut_off, "trial_status"] = "unfinished"
+
+
 def start_ray(address: str | None) -> None:
     """Join the cluster at ``address``, or start a local Ray whose every port binds to 127.0.0.1."""
     import ray
@@ -395,8 +408,8 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
         # Only now is a RUNNING study trial surely an orphan; after Ctrl+C or a time budget
         # cut, unfinished trials continue on --resume.
         _close_orphaned_study_trials(run_dir, experiment)
-    else:
-        trials.loc[trials["trial_status"] == "stopped_early", "trial_status"] = "unfinished"
+    elif not trials.empty:
+        _mark_unfinished(trials, run_dir, experiment)
     best_row = pick_best(trials, experiment)
     best = best_config(best_row, experiment) if best_row is not None else None
     write_results(run_dir, trials, best)
