@@ -11,6 +11,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
+import asha_replay  # noqa: E402
 import concurrency  # noqa: E402
 import sample_efficiency  # noqa: E402
 
@@ -98,3 +99,29 @@ def test_targets_come_from_random_trials_and_unreached_ones_count_past_the_budge
     assert easy["searches"]["tpe+asha"]["over_random_expected"] == 2 / 2
     assert hard["random_expected"]["successes"] == 1  # a quantile never lies above the best random trial
     assert hard["searches"]["tpe+asha"]["epochs_to_target"] == [3]
+
+
+
+def test_asha_replay_stops_a_trial_that_ranks_below_the_rung():
+    """Two slots. Two bad trials start; the second ranks below the first at rung 1, so Ray's rule stops it
+    and the good trial takes its slot at once. With no stopping the good trial waits for both to finish."""
+    import random
+
+    good = [{"val_joint_acc": a, "train_loss": loss} for a, loss in ((0.1, 2.0), (0.5, 1.0), (0.9, 0.5))]
+    bad = [{"val_joint_acc": 0.2, "train_loss": 3.0}] * 3
+    worse = [{"val_joint_acc": 0.2, "train_loss": 3.5}] * 3
+
+    class Draws(random.Random):  # bad, worse, good, then bad ones
+        def __init__(self):
+            super().__init__(0)
+            self.order = iter([1, 2, 0] + [1] * 10)
+
+        def randrange(self, n):
+            return next(self.order)
+
+    pool = [good, bad, worse]
+    # bad e1-e3 and worse e1-e3 take epochs 1-6; good e1, bad e1, good e2, bad e2, good e3: 11
+    assert asha_replay.replay(pool, "none", None, [1], 3, [0.9], 100, Draws()) == [11]
+    # worse stops after its first epoch (2); good takes its slot at epochs 4, 6 and 8
+    assert asha_replay.replay(pool, "stop", "train_loss", [1], 3, [0.9], 100, Draws()) == [8]
+    assert asha_replay.first_cut_keeps(pool, "train_loss", {0}) == 1
