@@ -128,7 +128,8 @@ def _one_line_exit_2(proc, *needles):
 
 def test_trials_failing_before_their_first_report_get_rows_and_exit_1(tmp_path):
     """A trial that dies before reporting (here its model needs 400 TB, more than any address space) is
-    in trials.csv with its config and error, and a sweep in which no trial reported exits 1."""
+    in trials.csv with its config and error, a sweep in which no trial reported exits 1, and ``best`` and
+    ``analyze`` say in one line that there is nothing to export or analyse."""
     experiment = tiny_experiment(tmp_path, name="unbuildable", num_samples=2, epochs=1, max_failures=0,
                                  scheduler={"type": "none"},
                                  space={"arch": "late", "lr": {"loguniform": [1e-3, 1e-2]}, "width": 1024,
@@ -140,6 +141,13 @@ def test_trials_failing_before_their_first_report_get_rows_and_exit_1(tmp_path):
     assert len(trials) == 2 and (trials["trial_status"] == "errored").all()
     assert (trials["config/hidden"] == 1_000_000_000).all() and trials["config/lr"].between(1e-3, 1e-2).all()
     assert trials["error"].str.contains("can't allocate memory").all()
+    exported = tmp_path / "best.yaml"
+    proc = run_cli(tmp_path, "best", str(tmp_path / "runs" / "unbuildable"), "-o", str(exported))
+    _one_line_exit_2(proc, "no trial has reported val_joint_acc")
+    assert not exported.exists()
+    proc = run_cli(tmp_path, "analyze", str(tmp_path / "runs" / "unbuildable"))
+    _one_line_exit_2(proc, "no trial has reported val_joint_acc")
+    assert not (tmp_path / "runs" / "unbuildable" / "analysis").exists()
 
 
 def test_impossible_resources_fail_at_launch(tmp_path):

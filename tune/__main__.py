@@ -69,14 +69,16 @@ def analyze_command(args: argparse.Namespace) -> int:
     from . import analysis, report
 
     sweep = analysis.load(args.run_dirs)
+    if sweep.best().empty:
+        raise analysis.AnalysisError(f"{', '.join(map(str, args.run_dirs))}: no trial has reported {sweep.metric} "
+                                     "yet, so there is nothing to analyse; each failed trial's error.txt says why")
     out = args.out or args.run_dirs[0] / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     metric = sweep.metric
     varied = [p for p in sweep.params if sweep.trials[p].nunique() > 1 or p == "arch"]
     columns = [c for c in ["run", "trial_id", "status", *varied, "epochs_run", f"last_{metric}",
                            f"best_{metric}", "wall_s"] if c in sweep.trials]
-    ascending = metric == "val_loss"
-    board = sweep.trials.sort_values(f"last_{metric}", ascending=ascending).head(args.top)[columns]
+    board = sweep.trials.sort_values(f"last_{metric}", ascending=sweep.mode == "min").head(args.top)[columns]
     importances = sweep.importances(by=args.by)
     print(f"Leaderboard by final {metric} (validation), top {args.top} of {len(sweep.trials)}:")
     print(board.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
@@ -104,6 +106,9 @@ def best_command(args: argparse.Namespace) -> int:
 
     sweep = analysis.load(args.run_dir)
     rows = sweep.best(by=args.by)
+    if rows.empty:
+        raise analysis.AnalysisError(f"{args.run_dir}: no trial has reported {sweep.metric} yet, so there is no "
+                                     "best config; each failed trial's error.txt says why")
     configs = []
     for _, row in rows.iterrows():
         config = {p: (row[p].item() if hasattr(row[p], "item") else row[p]) for p in sweep.params}

@@ -22,7 +22,7 @@ import yaml
 
 from .config import METRICS, ConfigError, Experiment, from_dict, metric_mode
 from .search import STUDY_FILE, study_storage
-from .sweep import EXPERIMENT_FILE, MACHINE_KEYS, trial_status
+from .sweep import EXPERIMENT_FILE, MACHINE_KEYS, rank_trials, trial_status
 
 
 
@@ -89,10 +89,7 @@ class Sweep:
         metric = metric or self.metric
         column = f"last_{metric}"
         ascending = metric_mode(metric) == "min"
-        pool = self.trials[self.trials["status"] == "completed"]
-        if pool.empty:
-            pool = self.trials[self.trials[column].notna()]
-        ranked = pool.sort_values(column, ascending=ascending)
+        ranked = rank_trials(self.trials, column, metric_mode(metric), "status")
         if by is None:
             return ranked.head(top).reset_index(drop=True)
         if by not in ranked:

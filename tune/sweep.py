@@ -183,15 +183,24 @@ def summarize(results, experiment: Experiment) -> pd.DataFrame:
     return frame
 
 
+def rank_trials(trials: pd.DataFrame, column: str, mode: str, status_column: str) -> pd.DataFrame:
+    """Trials that have a ``column`` value, best first: only those that ran the full budget
+    (``status_column`` is ``completed``) if there are any, else all of them.
+
+    ``sweep`` ranks its summary by this and ``tune.analysis`` its loaded trials, so the two always
+    pick the same best trial.
+    """
+    if column not in trials:  # no trial has reported yet
+        return trials.iloc[:0]
+    scored = trials[trials[column].notna()]
+    full = scored[scored[status_column] == "completed"]
+    return (full if not full.empty else scored).sort_values(column, ascending=mode == "min")
+
+
 def pick_best(trials: pd.DataFrame, experiment: Experiment) -> pd.Series | None:
-    """The best trial by its final metric, preferring trials that ran the full budget."""
-    scored = trials[trials[experiment.metric].notna()] if experiment.metric in trials else trials.iloc[:0]
-    full = scored[scored["trial_status"] == "completed"]
-    pool = full if not full.empty else scored
-    if pool.empty:
-        return None
-    ascending = experiment.mode == "min"
-    return pool.sort_values(experiment.metric, ascending=ascending).iloc[0]
+    """The best trial by its final metric, preferring trials that ran the full budget; None if none has one."""
+    ranked = rank_trials(trials, experiment.metric, experiment.mode, "trial_status")
+    return ranked.iloc[0] if not ranked.empty else None
 
 
 def best_config(row: pd.Series, experiment: Experiment) -> dict[str, Any]:
