@@ -138,7 +138,11 @@ def load_config_file(path: str | os.PathLike) -> list[dict[str, Any]]:
     import yaml
 
     try:
-        loaded = yaml.safe_load(Path(path).read_text())
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise OSError(f"{path}: cannot read config file ({exc.strerror or exc})") from None
+    try:
+        loaded = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(loaded, dict):

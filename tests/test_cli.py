@@ -56,6 +56,7 @@ def test_bad_flags_and_config_give_one_line_exit_2(tmp_path):
     for args, message in ((["--config", str(bad)], "learning_rate"), (["--lr", "-1"], "lr"),
                           (["--train-subset", "999999"], "train_subset"),
                           (["--config", str(twice)], "2 configs for the 'late' design"),
+                          (["--config", str(tmp_path / "absent.yaml")], "absent.yaml: cannot read config file"),
                           (["--device", "cudax"], "cuda[:N]"), (["--device", "cuda:7"], "CUDA device(s)")):
         proc = _train(tmp_path, *args, "--data-dir", str(tmp_path / "idx"), "--val-size", "100")
         assert proc.returncode == 2, (args, proc.stderr)
