@@ -145,6 +145,12 @@ def test_clear_errors_for_non_runs_and_empty_runs(tmp_path):
     assert proc.returncode == 2 and "has no trials yet" in proc.stderr and proc.stderr.count("\n") == 1
     proc = _cli(tmp_path, "best", str(empty), "-o", str(tmp_path / "x.yaml"))
     assert proc.returncode == 2 and not (tmp_path / "x.yaml").exists()
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"arch": "late"}))
+    for flag in ("--seeds", "--epochs", "--cpus-per-task"):
+        proc = _cli(tmp_path, "confirm", str(config), flag, "0", "--out", str(tmp_path / "confirm"))
+        assert proc.returncode == 2 and f"{flag} 0: must be >= 1" in proc.stderr and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "confirm").exists()
 
 
 def test_confirm_summary_names_diverged_seeds_it_counted_as_zero():

@@ -132,8 +132,9 @@ def confirm_command(args: argparse.Namespace) -> int:
 
     from .confirm import format_summary, run_confirm
 
-    if args.seeds < 1 or (args.epochs is not None and args.epochs < 1) or args.cpus_per_task < 1:
-        raise ConfigError("--seeds, --epochs and --cpus-per-task must be >= 1")
+    for flag, value in (("--seeds", args.seeds), ("--epochs", args.epochs), ("--cpus-per-task", args.cpus_per_task)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value}: must be >= 1")
     try:
         configs = load_config_file(args.config)
     except ValueError as exc:
