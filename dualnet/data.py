@@ -40,6 +40,8 @@ WELL_KNOWN_DIRS = ("/usr/share/datasets/fashion-mnist", "./data/fashion-mnist", 
 
 # Offsets added to the seed so the three kinds of random draws never share a stream.
 _SPLIT_STREAM, _EVAL_STREAM, _TRAIN_STREAM = 1_000_003, 2_000_003, 3_000_003
+# Seeds above this would overflow the arithmetic that derives each stream's generator seed.
+MAX_SEED = 2 ** 31
 
 
 class DataError(Exception):
@@ -239,8 +241,11 @@ def make_data(train_images: torch.Tensor, train_labels: torch.Tensor,
         train_subset: keep only this many training images (quick runs); None keeps all.
 
     Raises:
-        ValueError: ``val_size`` or ``train_subset`` leaves no training images.
+        ValueError: ``val_size`` or ``train_subset`` leaves no training images, or ``seed`` is
+            outside [0, 2**31).
     """
+    if not 0 <= seed < MAX_SEED:
+        raise ValueError(f"data seed: must be in [0, {MAX_SEED}), got {seed}")
     n = len(train_labels)
     if not 0 <= val_size < n:
         raise ValueError(f"val_size={val_size} must be between 0 (train on all images) and {n - 1}")

@@ -8,6 +8,7 @@ not from a framework.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import math
 import os
@@ -20,7 +21,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .data import DualData, Split
+from .data import MAX_SEED, DualData, Split
 from .metrics import evaluate
 from .models import ARCHS, DualNet, build_model
 
@@ -60,7 +61,7 @@ class TrainConfig:
                 message names the key.
         """
         known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(values) - set(known))
+        unknown = sorted(set(values) - set(known), key=str)  # YAML may give bool or int keys (yes:, 1:)
         if unknown:
             raise ValueError(f"unknown training setting {unknown[0]!r}; known: {', '.join(known)}")
         converted = {}
@@ -95,6 +96,8 @@ class TrainConfig:
                 raise ValueError(f"{key}: must be > 0, got {getattr(self, key)}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.seed < MAX_SEED:
+            raise ValueError(f"seed: must be in [0, {MAX_SEED}), got {self.seed}")
         if self.weight_decay < 0 or self.threads < 0 or not 0 <= self.momentum < 1:
             raise ValueError("weight_decay and threads must be >= 0 and momentum in [0, 1)")
         if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):
@@ -141,6 +144,8 @@ def load_config_file(path: str | os.PathLike) -> list[dict[str, Any]]:
         text = Path(path).read_text()
     except OSError as exc:
         raise OSError(f"{path}: cannot read config file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a YAML text file") from None
     try:
         loaded = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -218,7 +223,10 @@ def _optimizer(config: TrainConfig, model: DualNet) -> torch.optim.Optimizer:
 
 def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
     if config.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps)
+        # OneCycle also cycles momentum (0.95 -> 0.85 -> 0.95) unless told not to. AdamW's beta1 keeps that
+        # cycle, as the 1cycle policy has it; SGD keeps the momentum the config asks for.
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
+                                                   cycle_momentum=config.optimizer != "sgd")
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
@@ -320,7 +328,9 @@ def fit(config: TrainConfig | dict[str, Any], data: DualData,
         def state(epoch_done: int = epoch + 1, history_now: list = list(history)) -> dict[str, Any]:
             return {"epoch": epoch_done, "config": config.to_dict(), "history": history_now,
                     "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    # Deep copies: the optimizer updates its state tensors in place after this epoch.
+                    "optimizer": copy.deepcopy(optimizer.state_dict()),
+                    "scheduler": copy.deepcopy(scheduler.state_dict()),
                     "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
