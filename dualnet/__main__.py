@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -15,7 +16,8 @@ HELP = {
     "arch": "fusion design to train", "epochs": "training epochs", "width": "conv channels of the first stage "
     "(the second has twice as many)", "hidden": "units of the fully connected layer", "depth": "conv layers per "
     "stage", "dropout": "dropout before the heads", "optimizer": "optimizer", "lr": "learning rate (peak for "
-    "onecycle)", "momentum": "SGD momentum (Nesterov)", "weight_decay": "decoupled weight decay (AdamW) or L2 (SGD)",
+    "onecycle)", "momentum": "SGD momentum (Nesterov; AdamW's beta1 "
+    "follows onecycle's 0.95-0.85 cycle)", "weight_decay": "decoupled weight decay (AdamW) or L2 (SGD)",
     "schedule": "learning-rate schedule, stepped per batch", "batch_size": "training batch size",
     "seed": "training seed: init, shuffling, each epoch's numbers, dropout", "threads": "torch threads "
     "(0 = torch's default)", "precision": "bf16 autocast or plain fp32", "channels_last": "channels_last weights "
@@ -76,7 +78,7 @@ def _configs(args: argparse.Namespace) -> list[TrainConfig]:
         archs = [entry.get("arch", TrainConfig.arch) for entry in base]
     configs = []
     for arch in archs:
-        matching = [entry for entry in base if entry.get("arch", arch) == arch] or [base[0]]
+        matching = [entry for entry in base if entry.get("arch", TrainConfig.arch) == arch] or [base[0]]
         configs.append(TrainConfig.from_dict({**matching[0], **overrides, "arch": arch}))
     return configs
 
@@ -91,8 +93,20 @@ def _epoch_line(arch: str, epochs: int, metrics: dict, images: int) -> str:
     return line + f" | {metrics['images_per_s']:,.0f} img/s | {metrics['epoch_s']:.1f} s"
 
 
+def _save_path(save: Path, config: TrainConfig, several: bool) -> Path:
+    return save.with_name(f"{save.stem}-{config.arch}{save.suffix or '.pt'}") if several else save
+
+
 def train_command(args: argparse.Namespace) -> int:
     configs = _configs(args)
+    for config in configs if args.save else []:
+        # Found now rather than after training: a bad --save would otherwise cost the whole run.
+        path = _save_path(args.save, config, len(configs) > 1)
+        if path.is_dir():
+            raise ValueError(f"--save {path}: is a folder; give a file name such as {path / 'model.pt'}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(path.parent, os.W_OK):
+            raise ValueError(f"--save {path}: cannot write to {path.parent}")
     data = load_data(args.data_dir, download=not args.no_download, val_size=args.val_size,
                      seed=args.data_seed, train_subset=args.train_subset)
     print(f"data: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images", flush=True)
@@ -115,9 +129,7 @@ def train_command(args: argparse.Namespace) -> int:
             print(f"[{config.arch}] diverged at epoch {final['epoch']}: the loss became NaN or inf; "
                   "lower --lr", flush=True)
         if args.save:
-            path = args.save if len(configs) == 1 else args.save.with_name(
-                f"{args.save.stem}-{config.arch}{args.save.suffix or '.pt'}")
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path = _save_path(args.save, config, len(configs) > 1)
             save_model(result.model, path, extra={"config": config.to_dict(), "history": result.history, **row})
             print(f"[{config.arch}] saved {path}", flush=True)
         summary.append(row)

@@ -100,8 +100,13 @@ class DualNet(nn.Module):
             ValueError: wrong shapes, dtype or number range.
         """
         images = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
-        numbers = torch.as_tensor(np.asarray(numbers) if not torch.is_tensor(numbers) else numbers).long()
+        numbers = torch.as_tensor(np.asarray(numbers) if not torch.is_tensor(numbers) else numbers)
+        if numbers.is_floating_point() or numbers.is_complex() or numbers.dtype == torch.bool:
+            raise ValueError(f"numbers must be integers 0..{NUM_NUMBERS - 1}, got dtype {numbers.dtype}")
+        numbers = numbers.long()
         if images.dim() == 2:
+            if numbers.numel() != 1:
+                raise ValueError(f"one image takes one number, got shape {tuple(numbers.shape)}")
             images, numbers = images.unsqueeze(0), numbers.reshape(1)
         if images.dtype != torch.uint8 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
             raise ValueError(f"images must be uint8 of shape (N, 28, 28), got {images.dtype} {tuple(images.shape)}")
@@ -173,8 +178,13 @@ def save_model(model: DualNet, path: str | os.PathLike | BinaryIO, extra: dict |
         torch.save(payload, path)
         return
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> DualNet:

@@ -53,14 +53,34 @@ def test_bad_flags_and_config_give_one_line_exit_2(tmp_path):
     bad.write_text(yaml.safe_dump({"arch": "late", "learning_rate": 0.1}))
     twice = tmp_path / "twice.yaml"
     twice.write_text(yaml.safe_dump({"configs": [{"arch": "late", "width": 4}, {"arch": "late", "width": 8}]}))
+    binary = tmp_path / "binary.pt"
+    binary.write_bytes(bytes(range(128, 256)))
     for args, message in ((["--config", str(bad)], "learning_rate"), (["--lr", "-1"], "lr"),
                           (["--train-subset", "999999"], "train_subset"),
                           (["--config", str(twice)], "2 configs for the 'late' design"),
                           (["--config", str(tmp_path / "absent.yaml")], "absent.yaml: cannot read config file"),
+                          (["--config", str(binary)], "binary.pt: not a YAML text file"),
+                          (["--seed", "3000000000000000"], "seed: must be in"),
+                          (["--data-seed", "-1"], "data seed: must be in"),
+                          (["--save", str(tmp_path)], "is a folder"),
                           (["--device", "cudax"], "cuda[:N]"), (["--device", "cuda:7"], "CUDA device(s)")):
         proc = _train(tmp_path, *args, "--data-dir", str(tmp_path / "idx"), "--val-size", "100")
         assert proc.returncode == 2, (args, proc.stderr)
         assert message in proc.stderr and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+        assert "epoch" not in proc.stdout, args  # refused before any training
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_a_config_entry_without_arch_is_the_late_design_only(tmp_path):
+    write_dataset(tmp_path / "idx", n_train=600, n_test=100)
+    config = tmp_path / "two.yaml"
+    config.write_text(yaml.safe_dump({"configs": [{"width": 4, "hidden": 16}, {"arch": "pixel", "width": 6,
+                                                                               "hidden": 16}]}))
+    proc = _train(tmp_path, "--config", str(config), "--epochs", "1", "--data-dir", str(tmp_path / "idx"),
+                  "--val-size", "100", "--save", str(tmp_path / "m.pt"))
+    assert proc.returncode == 0, proc.stderr
+    assert load_model(tmp_path / "m-late.pt").hparams["width"] == 4
+    assert load_model(tmp_path / "m-pixel.pt").hparams["width"] == 6
 
 
 def test_val_size_0_trains_on_every_image_and_scores_only_the_test_set(tmp_path):

@@ -74,6 +74,17 @@ def test_predict_rejects_bad_input():
         model.predict(images, numbers + 10)
     with pytest.raises(ValueError, match="shape"):
         model.predict(images, numbers[:2])
+    with pytest.raises(ValueError, match="integers"):
+        model.predict(images, numbers.float() + 0.5)
+    with pytest.raises(ValueError, match="one number"):
+        model.predict(images[0], numbers[:2])
+
+
+def test_a_failed_save_leaves_no_temporary_file(tmp_path):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(OSError):
+        save_model(build_model("late", width=4, hidden=16), tmp_path / "taken")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
 def test_load_model_rejects_other_files(tmp_path):
