@@ -10,12 +10,11 @@ import time
 from pathlib import Path
 
 import optuna
-import pandas as pd
 import pytest
 import yaml
 
 from .conftest import REPO, write_dataset
-from .sweeps import load_study, run_cli, sweep_env, tiny_experiment
+from .sweeps import load_study, read_trials_csv, run_cli, sweep_env, tiny_experiment
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +79,7 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(slow_data):
     rows = [json.loads(line) for line in result.read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4], "history has a gap or a duplicated epoch"
     assert len({r["pid"] for r in rows}) == 2, "the trial did not continue in a new worker"
-    trials = pd.read_csv(run_dir / "trials.csv")
+    trials = read_trials_csv(run_dir / "trials.csv")
     assert list(trials["trial_status"]) == ["completed"]
     (study_trial,) = load_study(run_dir, "fault").trials
     assert study_trial.state == optuna.trial.TrialState.COMPLETE
@@ -94,7 +93,7 @@ def test_chaos_random_worker_kills_leave_complete_gap_free_histories(slow_data):
                                         "lr": {"loguniform": [2e-3, 1e-2]}})
     run_dir, killed = _sweep_with_kills(slow_data, experiment, kills=3, seed=1)
     assert len(killed) >= 2
-    trials = pd.read_csv(run_dir / "trials.csv")
+    trials = read_trials_csv(run_dir / "trials.csv")
     assert len(trials) == 4 and (trials["trial_status"] == "completed").all()
     for trial_id in trials["trial_id"]:
         assert _epochs(run_dir / trial_id / "result.json") == [1, 2, 3], trial_id
@@ -108,7 +107,7 @@ def test_divergence_ends_the_trial_with_zero_and_the_sweep_goes_on(tmp_path):
                                         "schedule": "constant", "lr": {"choice": [1e6, 0.05]}})
     proc = run_cli(tmp_path, "sweep", str(experiment))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    trials = pd.read_csv(tmp_path / "runs" / "diverge" / "trials.csv")
+    trials = read_trials_csv(tmp_path / "runs" / "diverge" / "trials.csv")
     diverged = trials[trials["config/lr"] == 1e6]
     assert len(diverged) >= 1 and len(trials) == 3
     assert (diverged["trial_status"] == "diverged").all() and (diverged["val_joint_acc"] == 0.0).all()
@@ -137,7 +136,7 @@ def test_trials_failing_before_their_first_report_get_rows_and_exit_1(tmp_path):
     proc = run_cli(tmp_path, "sweep", str(experiment))
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "no trial reported a result" in proc.stderr and "can't allocate memory" in proc.stderr
-    trials = pd.read_csv(tmp_path / "runs" / "unbuildable" / "trials.csv")
+    trials = read_trials_csv(tmp_path / "runs" / "unbuildable" / "trials.csv")
     assert len(trials) == 2 and (trials["trial_status"] == "errored").all()
     assert (trials["config/hidden"] == 1_000_000_000).all() and trials["config/lr"].between(1e-3, 1e-2).all()
     assert trials["error"].str.contains("can't allocate memory").all()
@@ -148,6 +147,26 @@ def test_trials_failing_before_their_first_report_get_rows_and_exit_1(tmp_path):
     proc = run_cli(tmp_path, "analyze", str(tmp_path / "runs" / "unbuildable"))
     _one_line_exit_2(proc, "no trial has reported val_joint_acc")
     assert not (tmp_path / "runs" / "unbuildable" / "analysis").exists()
+
+
+def test_a_spent_time_budget_ends_the_sweep_with_cut_trials_stopped_early(tmp_path):
+    experiment = tiny_experiment(tmp_path, name="hurried", num_samples=3, max_concurrent=1, epochs=400,
+                                 time_budget_s=8, scheduler={"type": "none"},
+                                 space={"arch": "late", "width": 4, "hidden": 16, "lr": {"loguniform": [1e-3, 1e-2]}})
+    proc = run_cli(tmp_path, "sweep", str(experiment))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the time budget (8 s) ran out: 1 running trial(s) were cut short" in proc.stdout, proc.stdout[-2000:]
+    assert "--resume" not in proc.stderr
+    run_dir = tmp_path / "runs" / "hurried"
+    trials = read_trials_csv(run_dir / "trials.csv")
+    assert len(trials) == 1 and trials["trial_status"].tolist() == ["stopped_early"]
+    assert 1 <= trials["epoch"].iloc[0] < 400
+    states = {t.user_attrs["ray_trial_id"]: t for t in load_study(run_dir, "hurried").trials}
+    assert states[trials["trial_id"].iloc[0]].state == optuna.trial.TrialState.PRUNED
+    for trial in states.values():
+        assert trial.state != optuna.trial.TrialState.RUNNING
+        if trial.state == optuna.trial.TrialState.FAIL:
+            assert "not_started" in trial.user_attrs
 
 
 def test_impossible_resources_fail_at_launch(tmp_path):

@@ -8,14 +8,13 @@ import subprocess
 import sys
 import time
 
-import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
 from tune.sweep import ORPHANED
 
 from .conftest import REPO
-from .sweeps import load_study, run_cli, sweep_env, tiny_experiment
+from .sweeps import load_study, read_trials_csv, run_cli, sweep_env, tiny_experiment
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +48,7 @@ def test_resume_after_driver_sigkill_keeps_finished_trials(tmp_path):
 
     proc = run_cli(tmp_path, "sweep", str(experiment), "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    trials = pd.read_csv(run_dir / "trials.csv")
+    trials = read_trials_csv(run_dir / "trials.csv")
     assert len(trials) == 4 and (trials["trial_status"] == "completed").all()
     for trial_id, text in before.items():
         assert (run_dir / trial_id / "result.json").read_text() == text, f"finished trial {trial_id} was re-run"
@@ -80,6 +79,9 @@ def test_resume_refuses_another_experiments_folder(tmp_path):
     first = tiny_experiment(tmp_path, name="shared", num_samples=1, epochs=1)
     narrower = run_cli(tmp_path, "sweep", str(first), "--resume", "--max-concurrent", "1")
     assert narrower.returncode == 2 and "differs in max_concurrent)" in narrower.stderr, narrower.stderr
+    # Ray restores each trial's threads and device too.
+    wider = run_cli(tmp_path, "sweep", str(first), "--resume", "--cpus-per-trial", "2")
+    assert wider.returncode == 2 and "differs in resources)" in wider.stderr, wider.stderr
     again = run_cli(tmp_path, "sweep", str(first))
     assert again.returncode == 2 and "already holds a sweep" in again.stderr
     nothing = run_cli(tmp_path, "sweep", str(tiny_experiment(tmp_path, name="fresh")), "--resume")
@@ -102,3 +104,55 @@ def test_orphaned_running_study_trials_are_closed_and_labelled(tmp_path):
     done, lost = optuna.load_study(study_name="orphans", storage=study_storage(tmp_path)).trials
     assert done.state == TrialState.COMPLETE and ORPHANED not in done.user_attrs
     assert lost.state == TrialState.FAIL and ORPHANED in lost.user_attrs
+
+
+def _epochs_reported(run_dir) -> dict[str, int]:
+    seen = {}
+    for result in run_dir.glob("*/result.json"):
+        lines = [line for line in result.read_text().splitlines() if line.strip()]
+        try:
+            seen[result.parent.name] = json.loads(lines[-1])["epoch"] if lines else 0
+        except json.JSONDecodeError:  # a line being written
+            pass
+    return seen
+
+
+def test_ctrl_c_after_the_last_trial_started_leaves_them_to_resume(tmp_path):
+    """Ray ends every live trial TERMINATED on Ctrl+C, like a finished one. With all trials started,
+    the sweep must still see them as cut off: unfinished, RUNNING in the study, continued by --resume."""
+    experiment = tiny_experiment(tmp_path, name="interrupted", num_samples=2, max_concurrent=2, epochs=60,
+                                 scheduler={"type": "none"}, space={"arch": "late", "width": 4, "hidden": 16,
+                                                                    "lr": {"loguniform": [1e-3, 1e-2]}})
+    run_dir = tmp_path / "runs" / "interrupted"
+    with open(tmp_path / "first.log", "w") as out:
+        driver = subprocess.Popen([sys.executable, "-m", "tune", "sweep", str(experiment)], cwd=REPO,
+                                  env=sweep_env(tmp_path), stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            seen = _epochs_reported(run_dir)
+            if len(seen) == 2 and min(seen.values()) >= 2:
+                break
+            assert driver.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
+            time.sleep(0.2)
+        os.kill(driver.pid, signal.SIGINT)
+        driver.wait(timeout=120)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    log = (tmp_path / "first.log").read_text()
+    assert "continue it with --resume" in log, log[-3000:]
+    trials = read_trials_csv(run_dir / "trials.csv")
+    assert len(trials) == 2 and (trials["trial_status"] == "unfinished").all(), trials[["trial_id", "epoch"]]
+    assert (trials["epoch"] < 60).all(), "a trial finished before the interrupt; the test proves nothing"
+    study = load_study(run_dir, "interrupted")
+    assert [t.state for t in study.trials] == [TrialState.RUNNING] * 2
+
+    proc = run_cli(tmp_path, "sweep", str(experiment), "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--resume" not in proc.stderr
+    trials = read_trials_csv(run_dir / "trials.csv")
+    assert (trials["trial_status"] == "completed").all() and (trials["epoch"] == 60).all()
+    study = load_study(run_dir, "interrupted")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2

@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.stopper import TimeoutStopper
 
 from .config import Experiment, metric_mode
 
@@ -75,7 +76,12 @@ class BudgetAwareOptunaSearch(OptunaSearch):
             # the pruned trial's last intermediate value.
             if result.get(self.metric) is not None:
                 ot_trial.report(result[self.metric], result["epoch"])
-            self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+            try:
+                self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+            except RuntimeError:
+                # Optuna's grid sampler calls study.stop() once the last grid point is told, which
+                # raises outside study.optimize; the trial's state is stored before that.
+                pass
             self._completed_trials.add(trial_id)
             return
         super().on_trial_complete(trial_id, result, error)
@@ -131,3 +137,22 @@ def make_scheduler(experiment: Experiment) -> TrialScheduler:
                              grace_period=experiment.scheduler.grace_period,
                              reduction_factor=experiment.scheduler.reduction_factor)
     return FIFOScheduler()
+
+
+class TimeBudgetStopper(TimeoutStopper):
+    """Ray's time budget, which also leaves ``marker`` behind when the budget runs out.
+
+    A spent budget and Ctrl+C end Ray's loop alike, with every trial TERMINATED; the marker is how
+    the sweep tells them apart. Ray pickles the stopper with the run, so a resumed sweep spends
+    what is left of the budget, and the marker path comes back with it.
+    """
+
+    def __init__(self, seconds: float, marker: Path):
+        super().__init__(seconds)
+        self.marker = Path(marker)
+
+    def stop_all(self) -> bool:
+        spent = super().stop_all()
+        if spent:
+            self.marker.touch()
+        return spent

@@ -25,10 +25,11 @@ import yaml
 from dualnet import load_data
 
 from .config import ConfigError, Experiment, from_dict
-from .search import STUDY_FILE, make_scheduler, make_searcher, study_storage
+from .search import STUDY_FILE, TimeBudgetStopper, make_scheduler, make_searcher, study_storage
 
 EXPERIMENT_FILE = "experiment.yaml"
 RESULT_FILES = ("trials.csv", "trials.parquet", "best_config.yaml")
+TIME_BUDGET_MARKER = ".time_budget_spent"
 # While "0", Ray binds to 127.0.0.1 instead of the machine's public address.
 LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
@@ -104,13 +105,13 @@ def _prepare_run_dir(experiment: Experiment, run_dir: Path, resume: bool) -> Non
 
 
 def _identity(experiment: Experiment) -> dict[str, Any]:
-    """The parts of an experiment that a resumed sweep must share with the original. The limits and
-    budgets are here because Ray restores them with the searcher and the run config, so a new value
-    would be silently ignored."""
+    """The parts of an experiment that a resumed sweep must share with the original. The limits,
+    budgets and resources are here because Ray restores them with the searcher, the run config and
+    each trial's threads and device, so a new value would be silently ignored."""
     d = experiment.to_dict()
     return {k: d[k] for k in ("name", "space", "metric", "mode", "num_samples", "epochs", "searcher",
                               "scheduler", "data", "seed", "max_concurrent", "epoch_budget", "time_budget_s",
-                              "max_failures")}
+                              "max_failures", "resources")}
 
 
 def trial_resources(experiment: Experiment) -> dict[str, float]:
@@ -170,8 +171,11 @@ def summarize(results, experiment: Experiment) -> pd.DataFrame:
             errors[trial_id] = repr(result.error)
         if trial_id not in reported:
             # Ray keeps no config for such a trial in its result, but wrote it to the trial folder at the start.
-            with result.filesystem.open_input_stream(posixpath.join(result.path, "params.json")) as f:
-                config = json.loads(f.read())
+            try:
+                with result.filesystem.open_input_stream(posixpath.join(result.path, "params.json")) as f:
+                    config = json.loads(f.read())
+            except OSError:  # the trial never started (it was still pending when the sweep ended): no row
+                continue
             unreported.append({"trial_id": trial_id, **{f"config/{k}": v for k, v in config.items()}})
     if unreported:
         frame = pd.concat([frame, pd.DataFrame(unreported)], ignore_index=True)
@@ -266,17 +270,39 @@ def _close_orphaned_study_trials(run_dir: Path, experiment: Experiment) -> None:
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 
-def _mark_unfinished(trials: pd.DataFrame, run_dir: Path, experiment: Experiment) -> None:
-    """In a sweep cut short, relabel the trials that were cut off mid-run (they continue on
-    ``--resume``) from ``stopped_early`` to ``unfinished``. Trials the scheduler stopped are PRUNED
-    in the study and keep their label."""
+def _cut_off(trials: pd.DataFrame, run_dir: Path, experiment: Experiment) -> pd.Series:
+    """Which trials the sweep's end cut off mid-run (Ctrl+C or the time budget).
+
+    Ray ends such trials TERMINATED, like the ones that finished; they differ in having stopped
+    short of the full budget without the scheduler having stopped them (those are PRUNED in the study).
+    """
     import optuna
 
+    if trials.empty:
+        return pd.Series(dtype=bool)
     study = optuna.load_study(study_name=experiment.name, storage=study_storage(run_dir))
     pruned = {t.user_attrs.get("ray_trial_id")
               for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))}
-    cut_off = (trials["trial_status"] == "stopped_early") & ~trials["trial_id"].isin(pruned)
-    trials.loc[cut_off, "trial_status"] = "unfinished"
+    return (trials["trial_status"] == "stopped_early") & ~trials["trial_id"].isin(pruned)
+
+
+def _end_trials_the_time_budget_cut(run_dir: Path, experiment: Experiment, cut_off: set[str],
+                                    never_started: set[str]) -> None:
+    """Tell the study how the time budget ended its open trials: PRUNED for those it cut off
+    mid-run (their last reported values stand), FAIL for those it never started."""
+    import optuna
+
+    storage = study_storage(run_dir)
+    study = optuna.load_study(study_name=experiment.name, storage=storage)
+    study_id = storage.get_study_id_from_name(experiment.name)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        ray_id = trial.user_attrs.get("ray_trial_id")
+        if ray_id in cut_off:
+            study.tell(trial.number, state=optuna.trial.TrialState.PRUNED)
+        elif ray_id in never_started:
+            storage.set_trial_user_attr(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number),
+                                        "not_started", "the time budget ran out before this trial started")
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 
 def start_ray(address: str | None) -> None:
@@ -396,14 +422,17 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
                 # No metric here: the searcher and the scheduler each carry their own, which may differ.
                 tune_config=tune.TuneConfig(
                     search_alg=make_searcher(experiment, run_dir), scheduler=make_scheduler(experiment),
-                    num_samples=experiment.num_samples, time_budget_s=experiment.time_budget_s,
+                    num_samples=experiment.num_samples,
                     reuse_actors=True, trial_dirname_creator=lambda trial: trial.trial_id),
                 run_config=tune.RunConfig(
                     name=experiment.name, storage_path=storage_path, verbose=0,
+                    stop=TimeBudgetStopper(experiment.time_budget_s, run_dir / TIME_BUDGET_MARKER)
+                    if experiment.time_budget_s is not None else None,
                     callbacks=[ProgressTable(experiment, enabled=verbose)],
                     failure_config=tune.FailureConfig(max_failures=experiment.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
             )
+        (run_dir / TIME_BUDGET_MARKER).unlink(missing_ok=True)
         results = tuner.fit()
     finally:
         if own_ray:
@@ -411,14 +440,20 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
     trials = summarize(results, experiment)
     epochs_spent = int(trials["epoch"].sum()) if "epoch" in trials else 0
     budget_spent = experiment.epoch_budget is not None and epochs_spent >= experiment.epoch_budget
-    finished = results.num_terminated + results.num_errors == len(results) and \
-        (len(results) >= experiment.num_samples or budget_spent)
+    cut_off = _cut_off(trials, run_dir, experiment)
+    never_started = {posixpath.basename(r.path) for r in results} - set(trials.get("trial_id", []))
+    time_spent = (run_dir / TIME_BUDGET_MARKER).exists()
+    if time_spent:
+        # The budget is the sweep's end: what it cut off counts as stopped early, and nothing resumes.
+        _end_trials_the_time_budget_cut(run_dir, experiment, set(trials.loc[cut_off, "trial_id"]), never_started)
+    finished = time_spent or (not cut_off.any() and not never_started and
+                              (len(results) >= experiment.num_samples or budget_spent))
     if finished:
-        # Only now is a RUNNING study trial surely an orphan; after Ctrl+C or a time budget
-        # cut, unfinished trials continue on --resume.
+        # Only now is a RUNNING study trial surely an orphan; after Ctrl+C the cut-off trials are
+        # RUNNING in the study too, and continue on --resume.
         _close_orphaned_study_trials(run_dir, experiment)
-    elif not trials.empty:
-        _mark_unfinished(trials, run_dir, experiment)
+    else:
+        trials.loc[cut_off, "trial_status"] = "unfinished"
     best_row = pick_best(trials, experiment)
     best = best_config(best_row, experiment) if best_row is not None else None
     write_results(run_dir, trials, best)
@@ -432,6 +467,9 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
         if budget_spent and len(results) < experiment.num_samples:
             print(f"the epoch budget ({experiment.epoch_budget}) was spent after {len(results)} of "
                   f"{experiment.num_samples} trials; no more were started")
+        if time_spent:
+            print(f"the time budget ({experiment.time_budget_s:g} s) ran out: {int(cut_off.sum())} running trial(s) "
+                  f"were cut short and count as stopped early; {len(never_started)} pending trial(s) never started")
         if not finished:
             print(f"the sweep stopped before all {experiment.num_samples} trials finished; "
                   f"continue it with --resume", file=sys.stderr)
