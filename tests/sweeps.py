@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import yaml
 
 from .conftest import REPO, write_dataset
@@ -47,3 +48,9 @@ def run_cli(folder: Path, *args: str, timeout: int = 300) -> subprocess.Complete
 def load_study(run_dir: Path, name: str) -> optuna.Study:
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run_dir / "optuna.journal")))
     return optuna.load_study(study_name=name, storage=storage)
+
+
+def read_trials_csv(path: Path) -> pd.DataFrame:
+    """Read a sweep's trials.csv with trial ids as text: pandas would read ids such as 12345678 or
+    997250e5 as numbers."""
+    return pd.read_csv(path, dtype={"trial_id": str})

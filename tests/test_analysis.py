@@ -14,7 +14,7 @@ from dualnet.train import TrainConfig, fit, load_config_file
 from tune import analysis
 
 from .conftest import REPO
-from .sweeps import sweep_env
+from .sweeps import read_trials_csv, sweep_env
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def test_trials_and_history_frames(sweep):
     assert trials["lr"].dtype == float and pd.api.types.is_integer_dtype(trials["width"])
     assert (trials["best_val_joint_acc"] >= trials["last_val_joint_acc"]).all()
     # Status agrees with the sweep's own classification, and ASHA stops are stopped_early.
-    ray_view = pd.read_csv(run_dir / "trials.csv").set_index("trial_id")["trial_status"]
+    ray_view = read_trials_csv(run_dir / "trials.csv").set_index("trial_id")["trial_status"]
     assert (trials.set_index("trial_id")["status"] == ray_view.loc[trials["trial_id"]].values).all()
     assert (trials["status"] == "stopped_early").any()
     assert len(history) == trials["epochs_run"].sum()
@@ -85,6 +85,9 @@ def test_analyze_cli_writes_tables_plots_and_report(sweep, tmp_path):
     page = (out / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == len(pngs)
     assert "<table" in page and "Leaderboard" in page
+    typo = _cli(tmp_path, "analyze", str(sweep[0]), "--by", "archh", "--out", str(tmp_path / "typo"))
+    assert typo.returncode == 2 and "--by archh: no such column" in typo.stderr and typo.stderr.count("\n") == 1
+    assert not (tmp_path / "typo").exists()
 
 
 def test_export_round_trips_to_the_same_validation_metric(sweep, tmp_path):

@@ -11,7 +11,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import yaml
 
@@ -19,7 +18,7 @@ from tune.config import load_experiment
 from tune.sweep import trial_constants, trial_resources
 
 from .conftest import REPO, write_dataset
-from .sweeps import sweep_env, tiny_experiment
+from .sweeps import read_trials_csv, sweep_env, tiny_experiment
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +105,7 @@ def test_jobs_api_runs_a_sweep_on_a_loopback_head(tmp_path):
             time.sleep(2)
         assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
         assert "succeeded" in (submit.stdout + submit.stderr).lower()
-        trials = pd.read_csv(shared / "viajobs" / "trials.csv")
+        trials = read_trials_csv(shared / "viajobs" / "trials.csv")
         assert len(trials) == 2 and (trials["trial_status"] == "completed").all()
         assert (shared / "viajobs" / "optuna.journal").is_file() and (shared / "viajobs" / "best_config.yaml").is_file()
     finally:
@@ -149,7 +148,7 @@ def test_multi_node_sweep_spreads_trials_and_ships_data_through_the_object_store
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "must be a shared mount" in proc.stderr
     run_dir = tmp_path / "runs" / "multinode"
-    trials = pd.read_csv(run_dir / "trials.csv")
+    trials = read_trials_csv(run_dir / "trials.csv")
     assert len(trials) == 4 and (trials["trial_status"] == "completed").all()
     used = {node for t in trials["trial_id"] for node in _node_ids(run_dir / t / "result.json")}
     assert len(used) >= 2, "all trials landed on one node"
@@ -181,7 +180,7 @@ def test_losing_a_worker_node_mid_sweep_retries_its_trials_elsewhere(tmp_path, t
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
-    trials = pd.read_csv(run_dir / "trials.csv")
+    trials = read_trials_csv(run_dir / "trials.csv")
     assert len(trials) == 4 and (trials["trial_status"] == "completed").all()
     rows = [json.loads(line) for line in (run_dir / hit / "result.json").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3], "the moved trial's history has a gap or a duplicate"

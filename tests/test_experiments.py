@@ -136,6 +136,10 @@ def test_cli_unparseable_files(tmp_path, content, message):
 def test_cli_missing_file_and_bad_flag(tmp_path):
     proc = _cli("sweep", str(tmp_path / "absent.yaml"))
     assert proc.returncode == 2 and "cannot read experiment file" in proc.stderr
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("# r\xe9sum\xe9\nname: x\n".encode("latin-1"))
+    proc = _cli("sweep", str(latin1))
+    assert proc.returncode == 2 and "latin1.yaml: not a YAML text file" in proc.stderr and proc.stderr.count("\n") == 1
     proc = _cli("sweep", str(REPO / "experiments/quick.yaml"), "--num-samples", "0")
     assert proc.returncode == 2 and "num_samples: must be >= 1" in proc.stderr
     proc = _cli("sweep", str(REPO / "experiments/quick.yaml"), "--name", "../../etc")

@@ -10,14 +10,14 @@ import pytest
 from dualnet import TrainConfig
 from dualnet.train import load_config_file
 
-from .sweeps import load_study
+from .sweeps import load_study, read_trials_csv
 
 pytestmark = pytest.mark.slow
 
 
 def test_sweep_writes_trials_dataframe(sweep):
     run_dir, _ = sweep
-    trials = pd.read_csv(run_dir / "trials.csv")
+    trials = read_trials_csv(run_dir / "trials.csv")
     assert len(trials) == 8
     assert set(trials["config/arch"]) == {"late", "pixel"}
     for column in ("trial_id", "config/lr", "config/width", "val_joint_acc", "val_class_acc", "val_sum_acc",
@@ -33,7 +33,7 @@ def test_sweep_writes_trials_dataframe(sweep):
 
 def test_study_is_persisted_and_asha_stops_are_pruned(sweep):
     run_dir, _ = sweep
-    trials = pd.read_csv(run_dir / "trials.csv").set_index("trial_id")
+    trials = read_trials_csv(run_dir / "trials.csv").set_index("trial_id")
     study = load_study(run_dir, "tiny")
     assert len(study.trials) == 8
     stopped = trials[trials["trial_status"] == "stopped_early"]
@@ -51,7 +51,7 @@ def test_study_is_persisted_and_asha_stops_are_pruned(sweep):
 
 def test_best_config_is_the_best_full_budget_trial_and_trains(sweep):
     run_dir, _ = sweep
-    trials = pd.read_csv(run_dir / "trials.csv")
+    trials = read_trials_csv(run_dir / "trials.csv")
     completed = trials[trials["trial_status"] == "completed"]
     (entry,) = load_config_file(run_dir / "best_config.yaml")
     config = TrainConfig.from_dict(entry)
@@ -112,7 +112,7 @@ def test_grid_searcher_runs_each_design_once(tmp_path):
                                  space={"arch": {"choice": ["late", "pixel"]}, "width": 4, "hidden": 32, "lr": 0.003})
     proc = run_cli(tmp_path, "sweep", str(experiment))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    trials = pd.read_csv(tmp_path / "runs" / "grid" / "trials.csv")
+    trials = read_trials_csv(tmp_path / "runs" / "grid" / "trials.csv")
     assert sorted(trials["config/arch"]) == ["late", "pixel"]
     assert (trials["config/lr"] == 0.003).all()
 
@@ -126,7 +126,7 @@ def test_epoch_budget_stops_starting_trials_once_spent(tmp_path):
                                  scheduler={"type": "none"})
     proc = run_cli(tmp_path, "sweep", str(experiment))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    trials = pd.read_csv(tmp_path / "runs" / "budget" / "trials.csv")
+    trials = read_trials_csv(tmp_path / "runs" / "budget" / "trials.csv")
     assert len(trials) == 3 and (trials["epoch"] == 2).all()
     assert "the epoch budget (5) was spent after 3 of 20 trials" in proc.stdout
     assert "--resume" not in proc.stderr

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--epochs", type=int, help="full training budget of a trial in epochs")
     sweep.add_argument("--epoch-budget", type=int, help="epochs all trials may train together; once spent, no "
                        "new trial starts and running ones finish")
-    sweep.add_argument("--name", help="run name (folder under storage); default: the file's name")
+    sweep.add_argument("--name", help="run name (folder under storage); default: the experiment's name: key")
     sweep.add_argument("--storage", help="results folder or URI (s3://, gs://, a shared mount); on a "
                        "multi-node cluster it must be reachable from every node")
     sweep.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
@@ -69,6 +69,8 @@ def analyze_command(args: argparse.Namespace) -> int:
     from . import analysis, report
 
     sweep = analysis.load(args.run_dirs)
+    if args.by and args.by not in sweep.trials:
+        raise analysis.AnalysisError(f"--by {args.by}: no such column; try one of {', '.join(sweep.params)}")
     if sweep.best().empty:
         raise analysis.AnalysisError(f"{', '.join(map(str, args.run_dirs))}: no trial has reported {sweep.metric} "
                                      "yet, so there is nothing to analyse; each failed trial's error.txt says why")
