@@ -178,3 +178,32 @@ def test_asha_ranks_rungs_by_the_scheduler_metric(rung_metric, second_trial):
     assert scheduler.on_trial_result(None, second, {"training_iteration": 1, "train_loss": 2.0,
                                                     "val_joint_acc": 0.9}) == second_trial
 
+
+
+def test_a_joined_cluster_short_of_gpus_gets_a_note_and_a_local_ray_an_error(capsys):
+    from tune.config import from_dict
+    from tune.sweep import SweepError, check_resources
+
+    experiment = from_dict({"name": "gpus", "space": {"arch": "late"}, "resources": {"cpu": 1, "gpu": 0.25}})
+    with pytest.raises(SweepError, match="resources.gpu: each trial asks for 0.25 GPUs but the Ray cluster has 0"):
+        check_resources(experiment, {"CPU": 8, "GPU": 0})
+    # An autoscaling cluster (GPU workers from zero nodes) adds the GPUs once trials ask for them.
+    check_resources(experiment, {"CPU": 8, "GPU": 0}, joined=True)
+    assert "trials wait until an autoscaler adds nodes" in capsys.readouterr().err
+
+
+def test_study_and_result_files_are_copied_beside_the_trial_folders(tmp_path):
+    import pyarrow.fs
+
+    from tune.sweep import copy_run_files
+
+    run_dir = tmp_path / "driver" / "run"
+    run_dir.mkdir(parents=True)
+    contents = {"experiment.yaml": "name: run\n", "optuna.journal": '{"op_code": 0}\n', "trials.csv": "trial_id\na\n"}
+    for name, text in contents.items():
+        (run_dir / name).write_text(text)
+    storage = tmp_path / "bucket" / "runs" / "run"
+    written = copy_run_files(run_dir, pyarrow.fs.LocalFileSystem(), str(storage))
+    assert sorted(written) == sorted(str(storage / name) for name in contents)  # only what exists
+    for name, text in contents.items():
+        assert (storage / name).read_text() == text

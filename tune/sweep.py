@@ -127,14 +127,24 @@ def trial_constants(experiment: Experiment) -> dict[str, Any]:
     return {**fixed, "epochs": experiment.epochs, "threads": threads, "device": device}
 
 
-def _check_resources(experiment: Experiment, available: dict[str, float]) -> None:
-    """Fail at launch, not by hanging, when one trial needs more than the cluster has."""
+def check_resources(experiment: Experiment, available: dict[str, float], joined: bool = False) -> None:
+    """Fail at launch, not by hanging, when one trial needs more than the cluster has.
+
+    A cluster the sweep ``joined`` may autoscale (say, GPU workers that start at zero nodes), so
+    there a shortfall only prints a note and the trials wait for the nodes.
+
+    Raises:
+        SweepError: a local Ray (which never grows) has too few CPUs or GPUs for one trial.
+    """
     for key, ray_key in (("cpu", "CPU"), ("gpu", "GPU")):
         wanted = getattr(experiment.resources, key)
         have = available.get(ray_key, 0)
         if wanted > 0 and wanted > have:
-            raise SweepError(f"resources.{key}: each trial asks for {wanted:g} {ray_key}s but the Ray cluster has "
-                             f"{have:g}; lower --{key}s-per-trial or add nodes")
+            shortfall = f"resources.{key}: each trial asks for {wanted:g} {ray_key}s but the Ray cluster has {have:g}"
+            if not joined:
+                raise SweepError(f"{shortfall}; lower --{key}s-per-trial or add nodes")
+            print(f"note: {shortfall} now; trials wait until an autoscaler adds nodes with them "
+                  f"(Ctrl+C stops the sweep)", file=sys.stderr)
 
 
 # Settings the harness sets per trial; they describe the machine, not the config worth keeping.
@@ -247,6 +257,29 @@ def write_results(run_dir: Path, trials: pd.DataFrame, best: dict[str, Any] | No
         os.replace(tmp, run_dir / name)
     if best is not None:
         write_config_file(run_dir / "best_config.yaml", [best["config"]], best["meta"])
+
+
+def copy_run_files(run_dir: Path, filesystem, experiment_path: str) -> list[str]:
+    """Copy the run's study and result files from the driver's ``run_dir`` to ``experiment_path`` on
+    ``filesystem`` (a pyarrow filesystem: where Ray put the trial folders), so that they outlive the
+    driver, as on a Ray job whose cluster is torn down afterwards.
+
+    Returns:
+        The paths written, on ``filesystem``.
+
+    Raises:
+        OSError: the storage refused a write.
+    """
+    import pyarrow.fs
+
+    filesystem.create_dir(experiment_path, recursive=True)
+    written = []
+    for name in (EXPERIMENT_FILE, STUDY_FILE, *RESULT_FILES):
+        if (run_dir / name).exists():
+            target = posixpath.join(experiment_path, name)
+            pyarrow.fs.copy_files(str(run_dir / name), target, destination_filesystem=filesystem)
+            written.append(target)
+    return written
 
 
 ORPHANED = "orphaned"
@@ -398,11 +431,11 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
         # A local Ray sees exactly these; checking first keeps the error to one line, before Ray's banner.
         import torch
 
-        _check_resources(experiment, {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()})
+        check_resources(experiment, {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()})
     if own_ray:
         start_ray(address)
     try:
-        _check_resources(experiment, ray.cluster_resources())
+        check_resources(experiment, ray.cluster_resources(), joined=bool(address))
         alive = [n for n in ray.nodes() if n.get("Alive")]
         if len(alive) > 1 and not is_uri(experiment.storage):
             print(f"note: {len(alive)} nodes share this sweep; storage {storage_path} must be a shared mount "
@@ -457,6 +490,12 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
     best_row = pick_best(trials, experiment)
     best = best_config(best_row, experiment) if best_row is not None else None
     write_results(run_dir, trials, best)
+    if is_uri(experiment.storage):
+        try:
+            copy_run_files(run_dir, results.filesystem, results.experiment_path)
+        except OSError as exc:
+            print(f"warning: the study and result files stay only in {run_dir}: copying them to "
+                  f"{experiment.storage} failed ({exc})", file=sys.stderr)
     wall_s = time.perf_counter() - started
     if verbose:
         print(f"\nTop trials by {experiment.metric} (validation):")
