@@ -207,3 +207,20 @@ def test_study_and_result_files_are_copied_beside_the_trial_folders(tmp_path):
     assert sorted(written) == sorted(str(storage / name) for name in contents)  # only what exists
     for name, text in contents.items():
         assert (storage / name).read_text() == text
+
+
+def test_an_epoch_repeated_after_a_restore_reports_once_without_a_warning(tmp_path, recwarn):
+    """A trial restored from its last checkpoint trains the epochs after it again; Optuna keeps the
+    first report of each step and would warn about the second on the sweep's stderr."""
+    from tune.config import from_dict
+    from tune.search import make_searcher
+
+    experiment = from_dict({"name": "repeat", "epochs": 3, "space": {"arch": "late",
+                                                                     "lr": {"loguniform": [1e-3, 1e-2]}}})
+    searcher = make_searcher(experiment, tmp_path).searcher
+    assert searcher.suggest("t1") is not None
+    result = {"val_joint_acc": 0.5, "training_iteration": 1, "epoch": 1}
+    searcher.on_trial_result("t1", result)
+    searcher.on_trial_result("t1", {**result, "val_joint_acc": 0.5})
+    assert not [w for w in recwarn if "is already reported" in str(w.message)]
+    assert load_study(tmp_path, "repeat").trials[0].intermediate_values == {1: 0.5}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,12 @@ class BudgetAwareOptunaSearch(OptunaSearch):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self._count(trial_id, result)
-        super().on_trial_result(trial_id, result)
+        with warnings.catch_warnings():
+            # A trial retried or resumed from its last checkpoint repeats the epochs after it, and Optuna
+            # warns that it keeps the first report of each; training is deterministic, so they are equal.
+            warnings.filterwarnings("ignore", message="The reported value is ignored because this `step",
+                                    category=UserWarning)
+            super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         self._count(trial_id, result)
