@@ -146,8 +146,7 @@ def test_epoch_budget_count_survives_the_searcher_state_a_resume_restores(tmp_pa
     searcher.on_trial_complete("t1", {"epoch": 2, "val_joint_acc": 0.6, "training_iteration": 2})
     assert searcher.suggest("t2") is not None
     searcher.on_trial_result("t2", {"epoch": 1, "val_joint_acc": 0.5, "training_iteration": 1})
-    with pytest.warns(UserWarning, match="already reported"):  # Optuna keeps the first report of a step
-        searcher.on_trial_result("t2", {"epoch": 1, "val_joint_acc": 0.5, "training_iteration": 1})  # replayed
+    searcher.on_trial_result("t2", {"epoch": 1, "val_joint_acc": 0.5, "training_iteration": 1})  # replayed
     assert searcher.epochs_spent() == 3
     assert searcher.suggest("t3") == Searcher.FINISHED
     searcher.save(str(tmp_path / "searcher.pkl"))
