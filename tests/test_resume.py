@@ -93,14 +93,14 @@ def test_orphaned_running_study_trials_are_closed_and_labelled(tmp_path):
 
     from tune.config import from_dict
     from tune.search import study_storage
-    from tune.sweep import _close_orphaned_study_trials
+    from tune.sweep import _close_open_study_trials
 
     experiment = from_dict({"name": "orphans", "space": {"arch": "late"}})
     study = optuna.create_study(study_name="orphans", storage=study_storage(tmp_path), direction="maximize")
     finished = study.ask()
     study.tell(finished, 0.5)
     study.ask()  # asked, then the driver died
-    _close_orphaned_study_trials(tmp_path, experiment)
+    _close_open_study_trials(tmp_path, experiment)
     done, lost = optuna.load_study(study_name="orphans", storage=study_storage(tmp_path)).trials
     assert done.state == TrialState.COMPLETE and ORPHANED not in done.user_attrs
     assert lost.state == TrialState.FAIL and ORPHANED in lost.user_attrs

@@ -285,12 +285,15 @@ def copy_run_files(run_dir: Path, filesystem, experiment_path: str) -> list[str]
 ORPHANED = "orphaned"
 
 
-def _close_orphaned_study_trials(run_dir: Path, experiment: Experiment) -> None:
-    """Mark study trials still RUNNING after the sweep ended as FAIL, labelled ``orphaned``.
+def _close_open_study_trials(run_dir: Path, experiment: Experiment, cut_by_time: frozenset[str] = frozenset(),
+                             never_started: frozenset[str] = frozenset()) -> None:
+    """Close every study trial still RUNNING once the sweep has ended, in one pass over the study.
 
-    If the driver dies after Optuna's ``ask`` but before Ray's next state snapshot, the resumed
-    sweep never hears of that trial again: Ray starts a replacement, so the sweep still runs
-    ``num_samples`` trials. Left alone, the lost one would stay RUNNING forever.
+    - Cut off mid-run by the time budget (``cut_by_time``): PRUNED, so its last reported values stand.
+    - Pending when the time budget ran out (``never_started``): FAIL, labelled ``not_started``.
+    - Any other is an orphan, FAIL and labelled ``orphaned``: if the driver dies after Optuna's
+      ``ask`` but before Ray's next state snapshot, the resumed sweep never hears of that trial
+      again (Ray starts a replacement), and left alone it would stay RUNNING forever.
     """
     import optuna
 
@@ -298,8 +301,13 @@ def _close_orphaned_study_trials(run_dir: Path, experiment: Experiment) -> None:
     study = optuna.load_study(study_name=experiment.name, storage=storage)
     study_id = storage.get_study_id_from_name(experiment.name)
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        storage.set_trial_user_attr(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number), ORPHANED,
-                                    "the sweep driver died before Ray recorded this trial; a new trial replaced it")
+        ray_id = trial.user_attrs.get("ray_trial_id")
+        if ray_id in cut_by_time:
+            study.tell(trial.number, state=optuna.trial.TrialState.PRUNED)
+            continue
+        label = (("not_started", "the time budget ran out before this trial started") if ray_id in never_started
+                 else (ORPHANED, "the sweep driver died before Ray recorded this trial; a new trial replaced it"))
+        storage.set_trial_user_attr(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number), *label)
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 
@@ -317,25 +325,6 @@ def _cut_off(trials: pd.DataFrame, run_dir: Path, experiment: Experiment) -> pd.
     pruned = {t.user_attrs.get("ray_trial_id")
               for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))}
     return (trials["trial_status"] == "stopped_early") & ~trials["trial_id"].isin(pruned)
-
-
-def _end_trials_the_time_budget_cut(run_dir: Path, experiment: Experiment, cut_off: set[str],
-                                    never_started: set[str]) -> None:
-    """Tell the study how the time budget ended its open trials: PRUNED for those it cut off
-    mid-run (their last reported values stand), FAIL for those it never started."""
-    import optuna
-
-    storage = study_storage(run_dir)
-    study = optuna.load_study(study_name=experiment.name, storage=storage)
-    study_id = storage.get_study_id_from_name(experiment.name)
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        ray_id = trial.user_attrs.get("ray_trial_id")
-        if ray_id in cut_off:
-            study.tell(trial.number, state=optuna.trial.TrialState.PRUNED)
-        elif ray_id in never_started:
-            storage.set_trial_user_attr(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number),
-                                        "not_started", "the time budget ran out before this trial started")
-            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 
 def start_ray(address: str | None) -> None:
@@ -475,16 +464,16 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
     budget_spent = experiment.epoch_budget is not None and epochs_spent >= experiment.epoch_budget
     cut_off = _cut_off(trials, run_dir, experiment)
     never_started = {posixpath.basename(r.path) for r in results} - set(trials.get("trial_id", []))
+    # A spent time budget is the sweep's end: what it cut off counts as stopped early, and nothing resumes.
     time_spent = (run_dir / TIME_BUDGET_MARKER).exists()
-    if time_spent:
-        # The budget is the sweep's end: what it cut off counts as stopped early, and nothing resumes.
-        _end_trials_the_time_budget_cut(run_dir, experiment, set(trials.loc[cut_off, "trial_id"]), never_started)
     finished = time_spent or (not cut_off.any() and not never_started and
                               (len(results) >= experiment.num_samples or budget_spent))
     if finished:
-        # Only now is a RUNNING study trial surely an orphan; after Ctrl+C the cut-off trials are
-        # RUNNING in the study too, and continue on --resume.
-        _close_orphaned_study_trials(run_dir, experiment)
+        # Only now may open study trials be closed; after Ctrl+C the cut-off trials are RUNNING in
+        # the study too, and continue on --resume. (Unless the time budget ended the sweep, a finished
+        # sweep has nothing cut off or never started.)
+        _close_open_study_trials(run_dir, experiment, frozenset(trials.loc[cut_off, "trial_id"]),
+                                 frozenset(never_started))
     else:
         trials.loc[cut_off, "trial_status"] = "unfinished"
     best_row = pick_best(trials, experiment)
