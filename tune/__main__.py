@@ -71,9 +71,7 @@ def analyze_command(args: argparse.Namespace) -> int:
     sweep = analysis.load(args.run_dirs)
     if args.by and args.by not in sweep.trials:
         raise analysis.AnalysisError(f"--by {args.by}: no such column; try one of {', '.join(sweep.params)}")
-    if sweep.best().empty:
-        raise analysis.AnalysisError(f"{', '.join(map(str, args.run_dirs))}: no trial has reported {sweep.metric} "
-                                     "yet, so there is nothing to analyse; each failed trial's error.txt says why")
+    sweep.require_results()
     out = args.out or args.run_dirs[0] / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     metric = sweep.metric
@@ -107,10 +105,8 @@ def best_command(args: argparse.Namespace) -> int:
     from .sweep import write_config_file
 
     sweep = analysis.load(args.run_dir)
+    sweep.require_results()
     rows = sweep.best(by=args.by)
-    if rows.empty:
-        raise analysis.AnalysisError(f"{args.run_dir}: no trial has reported {sweep.metric} yet, so there is no "
-                                     "best config; each failed trial's error.txt says why")
     configs = []
     for _, row in rows.iterrows():
         config = {p: (row[p].item() if hasattr(row[p], "item") else row[p]) for p in sweep.params}

@@ -97,6 +97,12 @@ class Sweep:
         return ranked.groupby(by, sort=True).head(top).sort_values([by, column], ascending=[True, ascending]) \
             .reset_index(drop=True)
 
+    def require_results(self) -> None:
+        """Raise AnalysisError when no trial has reported the experiment's metric: nothing to rank or plot."""
+        if self.best().empty:
+            raise AnalysisError(f"{', '.join(self.experiments)}: no trial has reported {self.metric} yet, so there is "
+                                "nothing to rank; each failed trial's error.txt says why")
+
     def importances(self, by: str | None = None) -> pd.DataFrame:
         """fANOVA importances of the searched hyperparameters over full-budget trials only.
 
