@@ -149,9 +149,11 @@ def test_ctrl_c_after_the_last_trial_started_leaves_them_to_resume(tmp_path):
     study = load_study(run_dir, "interrupted")
     assert [t.state for t in study.trials] == [TrialState.RUNNING] * 2
 
-    proc = run_cli(tmp_path, "sweep", str(experiment), "--resume")
+    proc = run_cli(tmp_path, "sweep", str(experiment), "--resume", "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--resume" not in proc.stderr
+    # The progress table comes back pickled from the first launch, which was not quiet.
+    assert "interrupted" not in proc.stdout and "epoch" not in proc.stdout, proc.stdout[-2000:]
     trials = read_trials_csv(run_dir / "trials.csv")
     assert (trials["trial_status"] == "completed").all() and (trials["epoch"] == 60).all()
     study = load_study(run_dir, "interrupted")

@@ -22,6 +22,12 @@ class ProgressTable(tune.Callback):
         self._started = time.monotonic()
         self._lines = 0
 
+    def restart(self, enabled: bool) -> None:
+        """Print (or not) from now on, with times counted from now: for a table restored by --resume."""
+        self._enabled = enabled
+        self._started = time.monotonic()
+        self._lines = 0
+
     def _print(self, trial, epoch: str, value: str, note: str) -> None:
         if not self._enabled:
             return

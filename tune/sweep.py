@@ -433,10 +433,15 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
             run_dir.mkdir(parents=True, exist_ok=True)
             _write_atomic(run_dir / EXPERIMENT_FILE, yaml.safe_dump(experiment.to_dict(), sort_keys=False))
         trainable = tune.with_resources(tune.with_parameters(train_trial, data=data), trial_resources(experiment))
-        if resume:  # the restored run config brings back its own progress table
+        if resume:
             tuner = tune.Tuner.restore(str(Path(storage_path) / experiment.name) if not is_uri(storage_path)
                                        else f"{storage_path.rstrip('/')}/{experiment.name}",
                                        trainable=trainable, resume_unfinished=True, resume_errored=True)
+            # The restored run config brings back the progress table pickled at the first launch, with
+            # that launch's --quiet and start time; this launch's must win. Tuner has no public getter.
+            for callback in tuner._local_tuner.get_run_config().callbacks or ():
+                if isinstance(callback, ProgressTable):
+                    callback.restart(enabled=verbose)
         else:
             tuner = tune.Tuner(
                 trainable,
