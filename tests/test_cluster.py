@@ -185,3 +185,37 @@ def test_losing_a_worker_node_mid_sweep_retries_its_trials_elsewhere(tmp_path, t
     rows = [json.loads(line) for line in (run_dir / hit / "result.json").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3], "the moved trial's history has a gap or a duplicate"
     assert rows[-1]["node_id"] != victim.node_id, "the trial did not move off the lost node"
+
+
+def test_confirm_on_a_joined_cluster_waits_for_a_node_big_enough(tmp_path):
+    """A cluster joined through RAY_ADDRESS may autoscale: a task bigger than it is now gets a note and
+    waits, and runs once a node that fits joins (here added by hand, as an autoscaler would)."""
+    from ray.cluster_utils import Cluster
+
+    write_dataset(tmp_path / "idx", n_train=1000, n_test=200)
+    config = tmp_path / "late.yaml"
+    config.write_text(yaml.safe_dump({"arch": "late", "width": 4, "hidden": 16, "epochs": 1}))
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
+    try:
+        with open(tmp_path / "confirm.log", "w") as log:
+            confirm = subprocess.Popen(
+                [sys.executable, "-m", "tune", "confirm", str(config), "--seeds", "1", "--cpus-per-task", "2",
+                 "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "idx"), "--no-download"],
+                cwd=REPO, env={**sweep_env(tmp_path), "RAY_ADDRESS": cluster.address}, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while "note: --cpus-per-task 2: the Ray cluster has 1 CPUs now" not in (tmp_path / "confirm.log").read_text():
+                assert confirm.poll() is None and time.monotonic() < deadline, (tmp_path / "confirm.log").read_text()
+                time.sleep(0.2)
+            time.sleep(2)
+            assert confirm.poll() is None, "confirm ended before a node big enough joined"
+            cluster.add_node(num_cpus=2)
+            assert confirm.wait(timeout=300) == 0, (tmp_path / "confirm.log").read_text()[-3000:]
+        finally:
+            if confirm.poll() is None:
+                os.killpg(confirm.pid, signal.SIGKILL)
+    finally:
+        cluster.shutdown()
+    report = json.loads((tmp_path / "out" / "confirm.json").read_text())
+    assert [(r["arch"], r["seed"]) for r in report["runs"]] == [("late", 0)]

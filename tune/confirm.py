@@ -10,6 +10,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -78,10 +79,16 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def _check_cpus(cpus_per_task: int, available: float) -> None:
-    if cpus_per_task > available:  # Ray would wait forever for a worker that big
-        raise ConfigError(f"--cpus-per-task {cpus_per_task}: the Ray cluster has {available:g} CPUs; "
-                          f"ask for at most that")
+def _check_cpus(cpus_per_task: int, available: float, joined: bool = False) -> None:
+    """Refuse a task bigger than a local Ray, which would wait forever for it. A cluster the run
+    ``joined`` may autoscale, so there a shortfall is only a note, as for sweeps."""
+    if cpus_per_task <= available:
+        return
+    shortfall = f"--cpus-per-task {cpus_per_task}: the Ray cluster has {available:g} CPUs"
+    if not joined:
+        raise ConfigError(f"{shortfall}; ask for at most that")
+    print(f"note: {shortfall} now; the runs wait until an autoscaler adds nodes with more "
+          f"(Ctrl+C stops them)", file=sys.stderr)
 
 
 def run_confirm(configs: list[dict[str, Any]], seeds: int, epochs: int | None, out_dir: Path,
@@ -117,7 +124,8 @@ def run_confirm(configs: list[dict[str, Any]], seeds: int, epochs: int | None, o
         if own_ray:
             start_ray(os.environ.get("RAY_ADDRESS"))
         try:
-            _check_cpus(cpus_per_task, ray.cluster_resources().get("CPU", 0))
+            _check_cpus(cpus_per_task, ray.cluster_resources().get("CPU", 0),
+                        joined=not own_ray or bool(os.environ.get("RAY_ADDRESS")))
             data_ref = ray.put(data)
             task = ray.remote(num_cpus=cpus_per_task)(train_and_test)
             pending = {task.remote(job, data_ref, cpus_per_task): job for job in jobs}
