@@ -223,3 +223,16 @@ def test_an_epoch_repeated_after_a_restore_reports_once_without_a_warning(tmp_pa
     searcher.on_trial_result("t1", {**result, "val_joint_acc": 0.5})
     assert not [w for w in recwarn if "is already reported" in str(w.message)]
     assert load_study(tmp_path, "repeat").trials[0].intermediate_values == {1: 0.5}
+
+
+def test_tpe_options_reach_the_optuna_sampler(tmp_path):
+    from tune.config import from_dict
+    from tune.search import make_searcher
+
+    space = {"arch": "late", "lr": {"loguniform": [1e-3, 1e-2]}}
+    plain = make_searcher(from_dict({"name": "plain", "space": space}), tmp_path).searcher._ot_study.sampler
+    assert not plain._multivariate and not plain._constant_liar
+    experiment = from_dict({"name": "joint", "space": space,
+                            "searcher": {"type": "tpe", "multivariate": True, "constant_liar": True}})
+    sampler = make_searcher(experiment, tmp_path).searcher._ot_study.sampler
+    assert sampler._multivariate and sampler._constant_liar

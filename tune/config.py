@@ -59,6 +59,8 @@ class Searcher:
     # 4, not 8: on benchmarks/sample_efficiency.py's wide space TPE reached its target in 65/44/46
     # epochs with 4 random start-up trials and never/64/never with 8 (same seeds and ASHA).
     n_startup_trials: int = 4
+    multivariate: bool = False  # TPE models the parameters jointly instead of one by one
+    constant_liar: bool = False  # TPE treats running trials as bad, so concurrent slots spread out
 
 
 @dataclass

@@ -121,7 +121,9 @@ def make_searcher(experiment: Experiment, run_dir: Path) -> ConcurrencyLimiter:
     """A seeded TPE, random or grid Optuna searcher, persisted in the run folder, behind a concurrency limit."""
     if experiment.searcher.type == "tpe":
         sampler = optuna.samplers.TPESampler(seed=experiment.seed,
-                                             n_startup_trials=experiment.searcher.n_startup_trials)
+                                             n_startup_trials=experiment.searcher.n_startup_trials,
+                                             multivariate=experiment.searcher.multivariate,
+                                             constant_liar=experiment.searcher.constant_liar)
     elif experiment.searcher.type == "grid":
         grid = {key: param.args for key, param in experiment.space.items() if param.distribution == "choice"}
         sampler = optuna.samplers.GridSampler(grid, seed=experiment.seed)
