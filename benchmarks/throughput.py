@@ -22,6 +22,7 @@ import argparse
 import multiprocessing
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -202,7 +203,8 @@ def main() -> None:
             test = evaluate_split(result.model, data.test, result.config)
             results[name].update(val_joint_acc=result.history[-1]["val_joint_acc"], test_joint_acc=test["joint_acc"])
 
-    report = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {device}",
+    report = {"command": " ".join(["python benchmarks/throughput.py", *sys.argv[1:]]),
+              "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {device}",
               "torch": torch.__version__, "arch": args.arch, "width": args.width,
               "training_mflop_per_image": flops / 1e6, "matmul_peak_gflops": peaks, "results": results}
     print(f"{'pipeline':<10}{'images/s':>10}{'x original':>12}{'GFLOP/s':>10}{'val joint':>11}{'test joint':>11}")
