@@ -134,7 +134,7 @@ def test_confirm_trains_seeds_and_reports_intervals(sweep, tmp_path):
     # A task bigger than the cluster would wait forever in Ray's queue.
     greedy = _cli(tmp_path, "confirm", str(both), "--seeds", "1", "--out", str(tmp_path / "greedy"),
                   "--data-dir", data_dir, "--no-download", "--cpus-per-task", "64")
-    assert greedy.returncode == 2 and "--cpus-per-task 64: the Ray cluster has" in greedy.stderr
+    assert greedy.returncode == 2 and "--cpus-per-task: each run asks for 64 CPUs but the Ray cluster has" in greedy.stderr
     assert greedy.stderr.count("\n") == 1 and not (tmp_path / "greedy" / "confirm.json").exists()
 
 

@@ -205,7 +205,7 @@ def test_confirm_on_a_joined_cluster_waits_for_a_node_big_enough(tmp_path):
                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 120
-            while "note: --cpus-per-task 2: the Ray cluster has 1 CPUs now" not in (tmp_path / "confirm.log").read_text():
+            while "note: --cpus-per-task: each run asks for 2 CPUs but the Ray cluster has 1 now" not in (tmp_path / "confirm.log").read_text():
                 assert confirm.poll() is None and time.monotonic() < deadline, (tmp_path / "confirm.log").read_text()
                 time.sleep(0.2)
             time.sleep(2)

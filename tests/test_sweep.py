@@ -180,14 +180,14 @@ def test_asha_ranks_rungs_by_the_scheduler_metric(rung_metric, second_trial):
 
 
 def test_a_joined_cluster_short_of_gpus_gets_a_note_and_a_local_ray_an_error(capsys):
-    from tune.config import from_dict
-    from tune.sweep import SweepError, check_resources
+    from tune.config import ConfigError
+    from tune.sweep import check_capacity
 
-    experiment = from_dict({"name": "gpus", "space": {"arch": "late"}, "resources": {"cpu": 1, "gpu": 0.25}})
-    with pytest.raises(SweepError, match="resources.gpu: each trial asks for 0.25 GPUs but the Ray cluster has 0"):
-        check_resources(experiment, {"CPU": 8, "GPU": 0})
+    asked = {"CPU": ("resources.cpu", 1), "GPU": ("resources.gpu", 0.25)}
+    with pytest.raises(ConfigError, match="resources.gpu: each trial asks for 0.25 GPUs but the Ray cluster has 0"):
+        check_capacity(asked, {"CPU": 8, "GPU": 0}, "trial")
     # An autoscaling cluster (GPU workers from zero nodes) adds the GPUs once trials ask for them.
-    check_resources(experiment, {"CPU": 8, "GPU": 0}, joined=True)
+    check_capacity(asked, {"CPU": 8, "GPU": 0}, "trial", joined=True)
     assert "trials wait until an autoscaler adds nodes" in capsys.readouterr().err
 
 

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Any
 
 from dualnet import DualData, TrainConfig, evaluate_split, fit, load_data, save_model
 
-from .config import ConfigError
 
 # Two-sided 95% Student-t quantiles t(0.975, df) for df = 1..30; the normal value beyond.
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -79,18 +77,6 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def _check_cpus(cpus_per_task: int, available: float, joined: bool = False) -> None:
-    """Refuse a task bigger than a local Ray, which would wait forever for it. A cluster the run
-    ``joined`` may autoscale, so there a shortfall is only a note, as for sweeps."""
-    if cpus_per_task <= available:
-        return
-    shortfall = f"--cpus-per-task {cpus_per_task}: the Ray cluster has {available:g} CPUs"
-    if not joined:
-        raise ConfigError(f"{shortfall}; ask for at most that")
-    print(f"note: {shortfall} now; the runs wait until an autoscaler adds nodes with more "
-          f"(Ctrl+C stops them)", file=sys.stderr)
-
-
 def run_confirm(configs: list[dict[str, Any]], seeds: int, epochs: int | None, out_dir: Path,
                 data_dir: str | None = None, download: bool = True, cpus_per_task: int = 1,
                 parallel: bool = True, log=print) -> dict[str, Any]:
@@ -102,7 +88,7 @@ def run_confirm(configs: list[dict[str, Any]], seeds: int, epochs: int | None, o
         The contents of ``confirm.json``.
 
     Raises:
-        ConfigError: ``cpus_per_task`` is more than the Ray cluster has.
+        ConfigError: ``cpus_per_task`` is more than a local Ray has (see ``tune.sweep.check_capacity``).
         ValueError: a bad training setting (named).
         DataError: the dataset is missing or damaged.
     """
@@ -116,16 +102,17 @@ def run_confirm(configs: list[dict[str, Any]], seeds: int, epochs: int | None, o
     if parallel:
         import ray
 
-        from .sweep import start_ray
+        from .sweep import check_capacity, start_ray
 
+        address = os.environ.get("RAY_ADDRESS")
+        asked = {"CPU": ("--cpus-per-task", cpus_per_task)}
         own_ray = not ray.is_initialized()
-        if own_ray and not os.environ.get("RAY_ADDRESS"):
-            _check_cpus(cpus_per_task, os.cpu_count() or 1)  # before Ray's start-up banner
+        if own_ray and not address:
+            check_capacity(asked, {"CPU": os.cpu_count() or 1}, "run")  # before Ray's start-up banner
         if own_ray:
-            start_ray(os.environ.get("RAY_ADDRESS"))
+            start_ray(address)
         try:
-            _check_cpus(cpus_per_task, ray.cluster_resources().get("CPU", 0),
-                        joined=not own_ray or bool(os.environ.get("RAY_ADDRESS")))
+            check_capacity(asked, ray.cluster_resources(), "run", joined=bool(address))
             data_ref = ray.put(data)
             task = ray.remote(num_cpus=cpus_per_task)(train_and_test)
             pending = {task.remote(job, data_ref, cpus_per_task): job for job in jobs}

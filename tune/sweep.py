@@ -127,24 +127,27 @@ def trial_constants(experiment: Experiment) -> dict[str, Any]:
     return {**fixed, "epochs": experiment.epochs, "threads": threads, "device": device}
 
 
-def check_resources(experiment: Experiment, available: dict[str, float], joined: bool = False) -> None:
-    """Fail at launch, not by hanging, when one trial needs more than the cluster has.
+def check_capacity(asked: dict[str, tuple[str, float]], available: dict[str, float], unit: str,
+                   joined: bool = False) -> None:
+    """Fail at launch, not by hanging, when one ``unit`` of work (a trial, a run) needs more than the Ray
+    cluster has. Sweeps and ``tune confirm`` share this rule.
 
-    A cluster the sweep ``joined`` may autoscale (say, GPU workers that start at zero nodes), so
-    there a shortfall only prints a note and the trials wait for the nodes.
+    Args:
+        asked: Ray resource ("CPU", "GPU") -> (the setting that asks, how much one unit asks for).
+        joined: the command joined a running cluster. That one may autoscale (say, GPU workers that
+            start at zero nodes), so there a shortfall only prints a note and the work waits for nodes.
 
     Raises:
-        SweepError: a local Ray (which never grows) has too few CPUs or GPUs for one trial.
+        ConfigError: a local Ray (which never grows) has too little for one unit.
     """
-    for key, ray_key in (("cpu", "CPU"), ("gpu", "GPU")):
-        wanted = getattr(experiment.resources, key)
+    for ray_key, (setting, amount) in asked.items():
         have = available.get(ray_key, 0)
-        if wanted > 0 and wanted > have:
-            shortfall = f"resources.{key}: each trial asks for {wanted:g} {ray_key}s but the Ray cluster has {have:g}"
+        if amount > 0 and amount > have:
+            shortfall = f"{setting}: each {unit} asks for {amount:g} {ray_key}s but the Ray cluster has {have:g}"
             if not joined:
-                raise SweepError(f"{shortfall}; lower --{key}s-per-trial or add nodes")
-            print(f"note: {shortfall} now; trials wait until an autoscaler adds nodes with them "
-                  f"(Ctrl+C stops the sweep)", file=sys.stderr)
+                raise ConfigError(f"{shortfall}; ask for at most that, or join a bigger Ray cluster")
+            print(f"note: {shortfall} now; {unit}s wait until an autoscaler adds nodes with them "
+                  f"(Ctrl+C stops them)", file=sys.stderr)
 
 
 # Settings the harness sets per trial; they describe the machine, not the config worth keeping.
@@ -387,9 +390,10 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
         A ``SweepOutcome`` with the run folder, the trials DataFrame and the best config.
 
     Raises:
-        SweepError: bad storage, a wrong resume folder, or too few cluster resources.
+        SweepError: bad storage or a wrong resume folder.
         DataError: the dataset is missing or damaged.
-        ConfigError: ``data.val_size`` and ``data.train_subset`` ask for more images than the dataset has.
+        ConfigError: ``data.val_size`` and ``data.train_subset`` ask for more images than the dataset has,
+            or one trial asks for more than a local Ray has.
     """
     storage_path, run_dir = run_location(experiment)
     _prepare_run_dir(experiment, run_dir, resume)
@@ -415,16 +419,17 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
     upload_snapshots_one_at_a_time()
 
     started = time.perf_counter()
+    asked = {"CPU": ("resources.cpu", experiment.resources.cpu), "GPU": ("resources.gpu", experiment.resources.gpu)}
     own_ray = not ray.is_initialized()
     if own_ray and not address:
         # A local Ray sees exactly these; checking first keeps the error to one line, before Ray's banner.
         import torch
 
-        check_resources(experiment, {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()})
+        check_capacity(asked, {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}, "trial")
     if own_ray:
         start_ray(address)
     try:
-        check_resources(experiment, ray.cluster_resources(), joined=bool(address))
+        check_capacity(asked, ray.cluster_resources(), "trial", joined=bool(address))
         alive = [n for n in ray.nodes() if n.get("Alive")]
         if len(alive) > 1 and not is_uri(experiment.storage):
             print(f"note: {len(alive)} nodes share this sweep; storage {storage_path} must be a shared mount "
