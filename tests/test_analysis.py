@@ -167,3 +167,24 @@ def test_confirm_summary_names_diverged_seeds_it_counted_as_zero():
     assert summary["diverged"] == {"late": [1]}
     text = format_summary({"seeds": 3, **summary})
     assert "note: late diverged with seed(s) 1; each counts as 0 accuracy above" in text
+
+
+def test_ctrl_c_during_confirm_does_not_point_to_a_resume_it_lacks(tmp_path):
+    import signal
+    import time
+
+    from .conftest import write_dataset
+
+    write_dataset(tmp_path / "idx", n_train=1000, n_test=200)
+    config = tmp_path / "late.yaml"
+    config.write_text(yaml.safe_dump({"arch": "late", "width": 4, "hidden": 16, "epochs": 500}))
+    confirm = subprocess.Popen([sys.executable, "-m", "tune", "confirm", str(config), "--seeds", "1", "--no-ray",
+                                "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "idx"),
+                                "--no-download"], cwd=REPO, env=sweep_env(tmp_path), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert confirm.stdout.readline().startswith("confirm: 1 runs"), "confirm did not start training"
+    time.sleep(1)
+    confirm.send_signal(signal.SIGINT)
+    _, stderr = confirm.communicate(timeout=60)
+    assert confirm.returncode == 130 and stderr.strip() == "interrupted", stderr[-2000:]
+    assert not (tmp_path / "out" / "confirm.json").exists()

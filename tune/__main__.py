@@ -176,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; continue with --resume", file=sys.stderr)
+        # Only a sweep can be continued; the other commands start over.
+        print("interrupted; continue with --resume" if args.command == "sweep" else "interrupted",
+              file=sys.stderr)
         return 130
 
 
