@@ -200,7 +200,7 @@ def main() -> None:
     if args.accuracy:
         for name, extra in variants.items():
             result = fit({**base, **extra, "epochs": args.epochs}, data)
-            test = evaluate_split(result.model, data.test, result.config)
+            test = evaluate_split(result.model, data.test)
             results[name].update(val_joint_acc=result.history[-1]["val_joint_acc"], test_joint_acc=test["joint_acc"])
 
     report = {"command": " ".join(["python benchmarks/throughput.py", *sys.argv[1:]]),

@@ -121,7 +121,7 @@ def train_command(args: argparse.Namespace) -> int:
         row = {"arch": config.arch, "status": result.status, "val_joint_acc": final.get("val_joint_acc"),
                "seconds": sum(m["epoch_s"] for m in result.history)}
         if args.eval_test and result.status == "completed":
-            test = evaluate_split(result.model, data.test, config)
+            test = evaluate_split(result.model, data.test)
             row.update(test_class_acc=test["class_acc"], test_sum_acc=test["sum_acc"], test_joint_acc=test["joint_acc"])
             print(f"[{config.arch}] test: class {100 * test['class_acc']:.2f}% | sum {100 * test['sum_acc']:.2f}%"
                   f" | joint {100 * test['joint_acc']:.2f}% ({test['joint_correct']}/{test['n']})", flush=True)

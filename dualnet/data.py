@@ -37,6 +37,8 @@ IDX_FILES = {
     "t10k-labels-idx1-ubyte": (2049, (10000,)),
 }
 WELL_KNOWN_DIRS = ("/usr/share/datasets/fashion-mnist", "./data/fashion-mnist", "./data")
+# How to name the data folder to a user of either CLI.
+_DATA_DIR_HINT = "--data-dir DIR (data.dir in an experiment file)"
 
 # Offsets added to the seed so the three kinds of random draws never share a stream.
 _SPLIT_STREAM, _EVAL_STREAM, _TRAIN_STREAM = 1_000_003, 2_000_003, 3_000_003
@@ -73,7 +75,8 @@ def _read_idx_bytes(path: Path) -> bytes:
     try:
         raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
     except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"corrupt IDX file {path}: {exc}; delete it or point --data-dir at good files") from None
+        raise DataError(f"corrupt IDX file {path}: {exc}; delete it, or point --data-dir (data.dir in an experiment "
+                        f"file) at good files") from None
     ndim = len(shape_expected)
     header = 4 + 4 * ndim
     if len(raw) < header:
@@ -144,21 +147,25 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None, download: bool
             _stage_into_cache(found, raw_folder)
             break
         if data_dir or os.environ.get("DUALNET_DATA_DIR"):
+            # The same folder arrives as --data-dir, an experiment's data.dir or confirm's flag; name none.
+            source = "data folder" if data_dir else "DUALNET_DATA_DIR"
+            if not folder.is_dir():
+                raise DataError(f"{source} {folder} does not exist; point it at a folder holding the four "
+                                f"Fashion-MNIST IDX files")
             missing = ", ".join(stem for stem, path in found.items() if path is None)
-            source = "--data-dir" if data_dir else "DUALNET_DATA_DIR"
             raise DataError(f"{source} {folder} lacks Fashion-MNIST IDX files ({missing}[.gz]); "
                             f"point it at a folder holding all four")
     else:
         if not download:
             raise DataError(f"Fashion-MNIST not found (looked in {', '.join(looked)}) and download is off; "
-                            f"pass --data-dir DIR with the four IDX files, or install Debian's "
+                            f"pass {_DATA_DIR_HINT} with the four IDX files, or install Debian's "
                             f"dataset-fashion-mnist, or allow the download")
         try:
             FashionMNIST(str(root), train=True, download=True)
         except Exception as exc:  # torchvision raises bare RuntimeError/URLError on network failure
             shutil.rmtree(raw_folder, ignore_errors=True)
             raise DataError(f"Fashion-MNIST not found (looked in {', '.join(looked)}) and the download "
-                            f"failed ({type(exc).__name__}); pass --data-dir DIR with the four IDX files "
+                            f"failed ({type(exc).__name__}); pass {_DATA_DIR_HINT} with the four IDX files "
                             f"or install Debian's dataset-fashion-mnist") from None
     train = FashionMNIST(str(root), train=True, download=False)
     test = FashionMNIST(str(root), train=False, download=False)

@@ -341,13 +341,14 @@ def fit(config: TrainConfig | dict[str, Any], data: DualData,
     return FitResult(status, history, model.to(memory_format=torch.contiguous_format).eval(), config)
 
 
-def evaluate_split(model: DualNet, split: Split, config: TrainConfig | None = None) -> dict[str, float]:
+def evaluate_split(model: DualNet, split: Split) -> dict[str, float]:
     """Score a trained model on one split (for example the test split, at confirmation time).
+
+    Always in fp32, as ``DualNet.predict`` runs a saved model, so a test score is exactly what the
+    saved model delivers. (Validation during ``fit`` follows the training precision, for speed.)
 
     Returns:
         ``loss``, ``class_acc``, ``sum_acc``, ``joint_acc`` and the correct counts.
     """
-    config = config or TrainConfig()
     device = next(model.parameters()).device
-    with _autocast(config, device):
-        return evaluate(model, split.to(device))
+    return evaluate(model, split.to(device))

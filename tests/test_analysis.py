@@ -56,8 +56,22 @@ def test_best_overall_and_per_design(sweep):
     completed = loaded.trials[loaded.trials["status"] == "completed"]
     assert best.iloc[0]["last_val_joint_acc"] == completed["last_val_joint_acc"].max()
     per_arch = loaded.best(by="arch")
-    assert set(per_arch["arch"]) == set(completed["arch"])
+    assert set(per_arch["arch"]) == set(loaded.trials["arch"])  # with or without a full-budget trial
     assert per_arch["arch"].is_unique
+
+
+def test_a_design_asha_always_stopped_early_keeps_its_best_config(sweep):
+    """Per design, full-budget trials win, but a design with none falls back to its early-stopped trials
+    instead of vanishing from best.yaml."""
+    loaded = analysis.load(sweep[0])
+    trials = loaded.trials.copy()
+    pixel = trials["arch"] == "pixel"
+    trials.loc[pixel, "status"] = "stopped_early"
+    trials.loc[~pixel & (trials["status"] == "stopped_early"), "last_val_joint_acc"] = 1.0  # must not win
+    per_arch = analysis.Sweep(loaded.experiments, trials, loaded.history).best(by="arch").set_index("arch")
+    assert set(per_arch.index) == {"late", "pixel"}
+    assert per_arch.loc["pixel", "last_val_joint_acc"] == trials.loc[pixel, "last_val_joint_acc"].max()
+    assert per_arch.loc["late", "status"] == "completed"
 
 
 def test_importances_sum_to_one(sweep):
@@ -148,11 +162,26 @@ def test_clear_errors_for_non_runs_and_empty_runs(tmp_path):
     assert proc.returncode == 2 and "has no trials yet" in proc.stderr and proc.stderr.count("\n") == 1
     proc = _cli(tmp_path, "best", str(empty), "-o", str(tmp_path / "x.yaml"))
     assert proc.returncode == 2 and not (tmp_path / "x.yaml").exists()
+    (empty / "experiment.yaml").write_text(yaml.safe_dump({"name": "empty", "space": {"arch": "late"},
+                                                           "storage": "s3://bucket/sweeps"}))
+    proc = _cli(tmp_path, "analyze", str(empty), "--top", "3")
+    assert proc.returncode == 2 and "trial folders are in s3://bucket/sweeps/empty; copy that folder here" \
+        in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    proc = _cli(tmp_path, "analyze", str(empty), "--top", "-3")
+    assert proc.returncode == 2 and "--top -3: must be >= 1" in proc.stderr
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"arch": "late"}))
     for flag in ("--seeds", "--epochs", "--cpus-per-task"):
         proc = _cli(tmp_path, "confirm", str(config), flag, "0", "--out", str(tmp_path / "confirm"))
         assert proc.returncode == 2 and f"{flag} 0: must be >= 1" in proc.stderr and proc.stderr.count("\n") == 1
+    # Settings only this machine or Ray rules out fail before any data is read (there is none here).
+    config.write_text(yaml.safe_dump({"arch": "late", "device": "cuda:99"}))
+    missing = ["--data-dir", str(tmp_path / "no-data"), "--no-download", "--out", str(tmp_path / "confirm")]
+    for args, message in ((["--no-ray"], "device: 'cuda:99', but this machine has"),
+                          ([], "each run reserves no GPU; pass --gpus-per-task"),
+                          (["--gpus-per-task", "-1"], "--gpus-per-task -1: must be 0, a fraction")):
+        proc = _cli(tmp_path, "confirm", str(config), *missing, *args)
+        assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "confirm").exists()
 
 

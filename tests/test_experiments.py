@@ -70,6 +70,8 @@ BAD = [
     (_with(data="everything"), "data: expected a mapping"),
     (_with(time_budget_s=-1), "time_budget_s: must be > 0"),
     (_with(epoch_budget=0), "epoch_budget: must be >= 1"),
+    (_with(seed=-1), "seed: must be from 0 to 2**32 - 1, got -1"),
+    (_with(data__seed=2 ** 40), "data.seed: must be from 0 to 2**32 - 1"),
     (_with(scheduler__metric="test_joint_acc"), "scheduler.metric: 'test_joint_acc' is not reported"),
     (_with(epoch_budget=2.5), "epoch_budget: expected an integer"),
     (_with(searcher__type="grid"), "a grid searcher takes only fixed values and choice lists"),

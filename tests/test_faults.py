@@ -180,6 +180,8 @@ def test_impossible_resources_fail_at_launch(tmp_path):
 
 def test_missing_and_corrupt_data_and_unwritable_storage(tmp_path):
     missing = tiny_experiment(tmp_path, name="nodata", data={"dir": str(tmp_path / "empty"), "download": False})
+    _one_line_exit_2(run_cli(tmp_path, "sweep", str(missing)), "does not exist; point it at a folder")
+    (tmp_path / "empty").mkdir()
     _one_line_exit_2(run_cli(tmp_path, "sweep", str(missing)), "lacks Fashion-MNIST IDX files")
     write_dataset(tmp_path / "broken", n_train=100, n_test=20)
     (tmp_path / "broken" / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b garbage")

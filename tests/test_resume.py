@@ -142,7 +142,7 @@ def test_ctrl_c_after_the_last_trial_started_leaves_them_to_resume(tmp_path):
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
     log = (tmp_path / "first.log").read_text()
-    assert "continue it with --resume" in log, log[-3000:]
+    assert driver.returncode == 130 and "continue it with --resume" in log, (driver.returncode, log[-3000:])
     trials = read_trials_csv(run_dir / "trials.csv")
     assert len(trials) == 2 and (trials["trial_status"] == "unfinished").all(), trials[["trial_id", "epoch"]]
     assert (trials["epoch"] < 60).all(), "a trial finished before the interrupt; the test proves nothing"

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from dualnet import TrainConfig, evaluate_split, fit
+from dualnet import TrainConfig, evaluate_split, fit, load_model, save_model
 
 FAST = dict(width=8, hidden=256, epochs=6, lr=5e-3, batch_size=32, threads=2)
 
@@ -22,8 +22,19 @@ def test_both_designs_learn_the_synthetic_task(synthetic_data, arch):
     final = result.history[-1]
     assert final["val_joint_acc"] >= 0.95, final
     assert result.history[0]["train_loss"] > final["train_loss"]
-    test = evaluate_split(result.model, synthetic_data.test, result.config)
+    test = evaluate_split(result.model, synthetic_data.test)
     assert test["joint_acc"] >= 0.95
+
+
+def test_test_score_is_what_the_saved_model_predicts(synthetic_data, tmp_path):
+    """A bf16-trained model's test score counts exactly the predictions a user gets from the saved file."""
+    result = fit({**FAST, "epochs": 1, "precision": "bf16"}, synthetic_data)
+    path = tmp_path / "model.pt"
+    save_model(result.model, path)
+    test = synthetic_data.test
+    class_pred, sum_pred = load_model(path).predict(test.images, test.numbers)
+    both_right = (class_pred == test.labels) & (sum_pred == test.labels + test.numbers)
+    assert evaluate_split(result.model, test)["joint_correct"] == int(both_right.sum())
 
 
 def test_epoch_metrics_are_reported(synthetic_data):

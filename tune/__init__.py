@@ -1,1 +1,1 @@
-"""tune: the Ray Tune + Optuna harness that drives ``dualnet``. Ray is imported only when a sweep runs."""
+"""tune: the Ray Tune + Optuna harness that drives ``dualnet``: sweeps, their analysis, and confirmation on test."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     confirm.add_argument("--epochs", type=int, help="override the config's epochs")
     confirm.add_argument("--out", type=Path, help="output folder (default: runs/confirm-<config name>)")
     confirm.add_argument("--cpus-per-task", type=int, default=1, help="CPUs (torch threads) per seed (default 1)")
+    confirm.add_argument("--gpus-per-task", type=float, default=0, help="GPUs per seed; fractions share a GPU "
+                         "(default 0: Ray runs the seeds on CPUs)")
     confirm.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files")
     confirm.add_argument("--no-download", action="store_true", help="never download the dataset")
     confirm.add_argument("--no-ray", action="store_true", help="train seeds one after another in this process")
@@ -68,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 def analyze_command(args: argparse.Namespace) -> int:
     from . import analysis, report
 
+    if args.top < 1:
+        raise ConfigError(f"--top {args.top}: must be >= 1")
     sweep = analysis.load(args.run_dirs)
     if args.by and args.by not in sweep.trials:
         raise analysis.AnalysisError(f"--by {args.by}: no such column; try one of {', '.join(sweep.params)}")
@@ -82,7 +87,7 @@ def analyze_command(args: argparse.Namespace) -> int:
     importances = sweep.importances(by=args.by)
     print(f"Leaderboard by final {metric} (validation), top {args.top} of {len(sweep.trials)}:")
     print(board.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"\nBest config{' per ' + args.by if args.by else ''}:")
+    print(f"\nBest config per {args.by or 'arch'}:")
     best = sweep.best(by=args.by or "arch")
     print(best[[c for c in columns if c in best]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print("\nImportances (fANOVA over full-budget trials):")
@@ -122,6 +127,10 @@ def best_command(args: argparse.Namespace) -> int:
             "note": "validation metrics; confirm on test with python -m tune confirm"}
     write_config_file(args.output, configs, meta)
     print(f"wrote {args.output} ({len(configs)} config(s))")
+    for _, row in rows[rows["status"] != "completed"].iterrows():
+        print(f"note: no {row['arch']} trial ran the full budget; its config comes from trial "
+              f"{row['trial_id']} ({row['status']} after {int(row['epochs_run'])} epoch(s)), so its score is not "
+              "comparable; tune confirm trains it fully", file=sys.stderr)
     return 0
 
 
@@ -133,20 +142,28 @@ def confirm_command(args: argparse.Namespace) -> int:
     for flag, value in (("--seeds", args.seeds), ("--epochs", args.epochs), ("--cpus-per-task", args.cpus_per_task)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} {value}: must be >= 1")
+    gpus = args.gpus_per_task
+    if not (gpus == 0 or 0 < gpus < 1 or (gpus >= 1 and float(gpus).is_integer())):
+        raise ConfigError(f"--gpus-per-task {gpus:g}: must be 0, a fraction below 1 or a whole number")
     try:
         configs = load_config_file(args.config)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    out = args.out or Path("runs") / f"confirm-{check_name(args.config.stem)}"
-    report = run_confirm(configs, args.seeds, args.epochs, out, data_dir=args.data_dir,
-                         download=not args.no_download, cpus_per_task=args.cpus_per_task, parallel=not args.no_ray)
+    # Any file name gives a folder name; characters a folder name should not hold become dashes.
+    out = args.out or Path("runs") / f"confirm-{re.sub(r'[^A-Za-z0-9_.-]+', '-', args.config.stem)}"
+    try:
+        report = run_confirm(configs, args.seeds, args.epochs, out, data_dir=args.data_dir,
+                             download=not args.no_download, cpus_per_task=args.cpus_per_task,
+                             gpus_per_task=args.gpus_per_task, parallel=not args.no_ray)
+    except ValueError as exc:  # a setting only the machine rules out, e.g. device: cuda without a GPU
+        raise ConfigError(str(exc)) from None
     print(format_summary(report))
     print(f"wrote {out}/confirm.json and {len(report['runs'])} models in {out}/models")
     return 0
 
 
 def sweep_command(args: argparse.Namespace) -> int:
-    from .sweep import SweepError, run_sweep
+    from .sweep import EXPERIMENT_FILE, SweepError, run_location, run_sweep
 
     overrides = {"num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
                  "resources.cpu": args.cpus_per_trial, "resources.gpu": args.gpus_per_trial,
@@ -158,6 +175,13 @@ def sweep_command(args: argparse.Namespace) -> int:
     except SweepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before Ray's loop took over the signal, or after it ended
+        started = (run_location(experiment)[1] / EXPERIMENT_FILE).is_file()
+        print("interrupted; continue with --resume" if started else "interrupted before the sweep started",
+              file=sys.stderr)
+        return 130
+    if not outcome.finished:
+        return 130  # Ray took the Ctrl+C and stopped the trials; run_sweep has said how to resume
     if outcome.best_config is None:
         print(f"error: no trial reported a result; each trial's error.txt in {outcome.run_dir} says why",
               file=sys.stderr)
@@ -175,10 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, AnalysisError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        # Only a sweep can be continued; the other commands start over.
-        print("interrupted; continue with --resume" if args.command == "sweep" else "interrupted",
-              file=sys.stderr)
+    except KeyboardInterrupt:  # sweep_command handles its own: only a sweep can be resumed
+        print("interrupted", file=sys.stderr)
         return 130
 
 

@@ -22,7 +22,7 @@ import yaml
 
 from .config import METRICS, ConfigError, Experiment, from_dict, metric_mode
 from .search import STUDY_FILE, study_storage
-from .sweep import EXPERIMENT_FILE, MACHINE_KEYS, rank_trials, trial_status
+from .sweep import EXPERIMENT_FILE, MACHINE_KEYS, is_uri, rank_trials, trial_status
 
 
 
@@ -81,21 +81,26 @@ class Sweep:
         return keys
 
     def best(self, metric: str | None = None, by: str | None = None, top: int = 1) -> pd.DataFrame:
-        """The best full-budget trials by their final ``metric`` (validation), overall or per ``by`` value.
+        """The best trials by their final ``metric`` (validation), overall or per ``by`` value.
+
+        Full-budget trials come first; a group where ASHA stopped every trial early falls back to its
+        early-stopped ones (their ``status`` says so) rather than vanishing from the answer.
 
         Returns:
             A DataFrame of ``top`` rows (per group when ``by`` is given), best first.
+
+        Raises:
+            AnalysisError: ``by`` is not a column of the trials.
         """
         metric = metric or self.metric
         column = f"last_{metric}"
-        ascending = metric_mode(metric) == "min"
-        ranked = rank_trials(self.trials, column, metric_mode(metric), "status")
         if by is None:
-            return ranked.head(top).reset_index(drop=True)
-        if by not in ranked:
+            return rank_trials(self.trials, column, metric_mode(metric), "status").head(top).reset_index(drop=True)
+        if by not in self.trials:
             raise AnalysisError(f"--by {by}: no such column; try one of {', '.join(self.params)}")
-        return ranked.groupby(by, sort=True).head(top).sort_values([by, column], ascending=[True, ascending]) \
-            .reset_index(drop=True)
+        groups = [rank_trials(group, column, metric_mode(metric), "status").head(top)
+                  for _, group in self.trials.groupby(by, sort=True)]
+        return pd.concat(groups).reset_index(drop=True) if groups else self.trials.iloc[:0]
 
     def require_results(self) -> None:
         """Raise AnalysisError when no trial has reported the experiment's metric: nothing to rank or plot."""
@@ -153,7 +158,13 @@ def _load_one(run_dir: Path) -> tuple[Experiment, pd.DataFrame, pd.DataFrame]:
     experiment = _read_experiment(run_dir)
     studies = _study_states(run_dir, experiment.name)
     trial_rows, history_rows = [], []
-    for params_file in sorted(run_dir.glob("*/params.json")):
+    params_files = sorted(run_dir.glob("*/params.json"))
+    if not params_files and is_uri(experiment.storage):
+        # With URI storage Ray writes the trial folders there; the driver's folder has the study alone.
+        raise AnalysisError(f"{run_dir}: this sweep's trial folders are in "
+                            f"{experiment.storage.rstrip('/')}/{experiment.name}; copy that folder here "
+                            f"(for example with your cloud's sync command) and run again")
+    for params_file in params_files:
         trial_dir = params_file.parent
         config = json.loads(params_file.read_text())
         result_file = trial_dir / "result.json"

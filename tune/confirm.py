@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dualnet import DualData, TrainConfig, evaluate_split, fit, load_data, save_model
+from dualnet.train import pick_device
 
 
 # Two-sided 95% Student-t quantiles t(0.975, df) for df = 1..30; the normal value beyond.
@@ -49,7 +50,7 @@ def train_and_test(config: dict[str, Any], data: DualData, threads: int) -> dict
     config = TrainConfig.from_dict({**config, "threads": threads})
     started = time.perf_counter()
     result = fit(config, data)
-    test = evaluate_split(result.model, data.test, config) if result.status == "completed" else {}
+    test = evaluate_split(result.model, data.test) if result.status == "completed" else {}
     buffer = io.BytesIO()
     save_model(result.model, buffer, extra={"config": config.to_dict(), "test": test})
     return {"arch": config.arch, "seed": config.seed, "status": result.status,
@@ -77,24 +78,44 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def _save_model_file(run: dict[str, Any], models: Path) -> dict[str, Any]:
+    """Move ``run``'s model bytes to ``models/<arch>-seed<k>.pt`` (atomically); return ``run`` with its path."""
+    models.mkdir(parents=True, exist_ok=True)
+    path = models / f"{run['arch']}-seed{run['seed']}.pt"
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}")
+    tmp.write_bytes(run.pop("model"))
+    os.replace(tmp, path)
+    return {**run, "model_path": str(path)}
+
+
 def run_confirm(configs: list[dict[str, Any]], seeds: int, epochs: int | None, out_dir: Path,
                 data_dir: str | None = None, download: bool = True, cpus_per_task: int = 1,
-                parallel: bool = True, log=print) -> dict[str, Any]:
+                gpus_per_task: float = 0, parallel: bool = True, log=print) -> dict[str, Any]:
     """Train every config with seeds 0..seeds-1 (as parallel Ray tasks when ``parallel``) and write results.
 
-    Writes ``out_dir/models/<arch>-seed<k>.pt`` and ``out_dir/confirm.json`` (atomically).
+    Writes ``out_dir/models/<arch>-seed<k>.pt`` as each run ends, so a later failure keeps the
+    finished models, and ``out_dir/confirm.json`` (atomically) once all have ended.
 
     Returns:
         The contents of ``confirm.json``.
 
     Raises:
-        ConfigError: ``cpus_per_task`` is more than a local Ray has (see ``tune.sweep.check_capacity``).
+        ConfigError: ``cpus_per_task`` or ``gpus_per_task`` is more than a local Ray has (see
+            ``tune.sweep.check_capacity``), or a config asks for CUDA where its runs get no GPU.
         ValueError: a bad training setting (named).
         DataError: the dataset is missing or damaged.
     """
+    from .config import ConfigError
+
     jobs = [{**c, "seed": seed, **({"epochs": epochs} if epochs else {})} for c in configs for seed in range(seeds)]
-    for job in jobs:
-        TrainConfig.from_dict(job)  # fail before any training
+    for job in jobs:  # fail before any training
+        device = TrainConfig.from_dict(job).device
+        if not parallel:
+            pick_device(device)
+        elif device.startswith("cuda") and not gpus_per_task:
+            # Ray hides every GPU from a task that reserved none.
+            raise ConfigError(f"device: {device!r}, but each run reserves no GPU; pass --gpus-per-task "
+                              "(e.g. 1, or 0.25 to share one), or set device: auto")
     data = load_data(data_dir, download=download, val_size=0)
     log(f"confirm: {len(jobs)} runs ({len(configs)} config(s) x {seeds} seeds) on {len(data.train)} training "
         f"images, scored once on {len(data.test)} test images")
@@ -105,21 +126,24 @@ def run_confirm(configs: list[dict[str, Any]], seeds: int, epochs: int | None, o
         from .sweep import check_capacity, start_ray
 
         address = os.environ.get("RAY_ADDRESS")
-        asked = {"CPU": ("--cpus-per-task", cpus_per_task)}
+        asked = {"CPU": ("--cpus-per-task", cpus_per_task), "GPU": ("--gpus-per-task", gpus_per_task)}
         own_ray = not ray.is_initialized()
         if own_ray and not address:
-            check_capacity(asked, {"CPU": os.cpu_count() or 1}, "run")  # before Ray's start-up banner
+            import torch
+
+            # Before Ray's start-up banner.
+            check_capacity(asked, {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}, "run")
         if own_ray:
             start_ray(address)
         try:
             check_capacity(asked, ray.cluster_resources(), "run", joined=bool(address))
             data_ref = ray.put(data)
-            task = ray.remote(num_cpus=cpus_per_task)(train_and_test)
+            task = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus_per_task)(train_and_test)
             pending = {task.remote(job, data_ref, cpus_per_task): job for job in jobs}
             runs = []
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
-                run = ray.get(done[0])
+                run = _save_model_file(ray.get(done[0]), out_dir / "models")
                 pending.pop(done[0])
                 runs.append(run)
                 log(f"  {run['arch']:<6} seed {run['seed']}: test joint {100 * run['test_joint_acc']:.2f}% "
@@ -129,17 +153,7 @@ def run_confirm(configs: list[dict[str, Any]], seeds: int, epochs: int | None, o
             if own_ray:
                 ray.shutdown()
     else:
-        runs = []
-        for job in jobs:
-            runs.append(train_and_test(job, data, cpus_per_task))
-    models = out_dir / "models"
-    models.mkdir(parents=True, exist_ok=True)
-    for run in runs:
-        path = models / f"{run['arch']}-seed{run['seed']}.pt"
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}")
-        tmp.write_bytes(run.pop("model"))
-        os.replace(tmp, path)
-        run["model_path"] = str(path)
+        runs = [_save_model_file(train_and_test(job, data, cpus_per_task), out_dir / "models") for job in jobs]
     report = {"configs": configs, "seeds": seeds, "epochs": epochs, "wall_s": time.perf_counter() - started,
               "runs": sorted(runs, key=lambda r: (r["arch"], r["seed"])), **summarize(runs)}
     tmp = out_dir / f".confirm.json.{uuid.uuid4().hex[:6]}"

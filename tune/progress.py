@@ -49,9 +49,9 @@ class ProgressTable(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
         done = last.get("epoch", 0)
-        stopped = "stopped early (ASHA)" if self._experiment.scheduler.type == "asha" else "stopped"
+        # ASHA, a spent time budget and Ctrl+C all end a trial here alike; which one is not known yet.
         note = "completed" if done >= self._experiment.epochs else (
-            "diverged" if last.get("status") == "diverged" else stopped)
+            "diverged" if last.get("status") == "diverged" else "stopped early")
         self._print(trial, f"{done}/{self._experiment.epochs}", "", note)
 
     def on_trial_error(self, iteration, trials, trial, **info):

@@ -44,6 +44,8 @@ class SweepOutcome:
     trials: pd.DataFrame
     best_config: dict[str, Any] | None
     wall_s: float
+    # False when Ctrl+C cut the sweep short: some trials are left for --resume.
+    finished: bool = True
 
 
 def is_uri(storage: str) -> bool:
@@ -387,7 +389,8 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
     """Run (or resume) a sweep end to end and write its result files.
 
     Returns:
-        A ``SweepOutcome`` with the run folder, the trials DataFrame and the best config.
+        A ``SweepOutcome`` with the run folder, the trials DataFrame, the best config and whether the
+        sweep finished (False after Ctrl+C, with trials left for ``resume``).
 
     Raises:
         SweepError: bad storage or a wrong resume folder.
@@ -436,7 +439,6 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
                   f"visible to every node, or pass --storage s3://... / gs://...", file=sys.stderr)
         if not resume:
             run_dir.mkdir(parents=True, exist_ok=True)
-            _write_atomic(run_dir / EXPERIMENT_FILE, yaml.safe_dump(experiment.to_dict(), sort_keys=False))
         trainable = tune.with_resources(tune.with_parameters(train_trial, data=data), trial_resources(experiment))
         if resume:
             tuner = tune.Tuner.restore(str(Path(storage_path) / experiment.name) if not is_uri(storage_path)
@@ -464,6 +466,9 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
                     failure_config=tune.FailureConfig(max_failures=experiment.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
             )
+            # Written only once the Tuner has saved its own state beside it: this file is what makes the
+            # folder a sweep that --resume can continue, so no earlier failure may leave it behind.
+            _write_atomic(run_dir / EXPERIMENT_FILE, yaml.safe_dump(experiment.to_dict(), sort_keys=False))
         (run_dir / TIME_BUDGET_MARKER).unlink(missing_ok=True)
         results = tuner.fit()
     finally:
@@ -508,9 +513,9 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
         if time_spent:
             print(f"the time budget ({experiment.time_budget_s:g} s) ran out: {int(cut_off.sum())} running trial(s) "
                   f"were cut short and count as stopped early; {len(never_started)} pending trial(s) never started")
-        if not finished:
-            print(f"the sweep stopped before all {experiment.num_samples} trials finished; "
-                  f"continue it with --resume", file=sys.stderr)
         print(f"study: optuna.load_study(study_name={experiment.name!r}, storage=JournalStorage("
               f"JournalFileBackend({str(run_dir / STUDY_FILE)!r})))")
-    return SweepOutcome(str(run_dir), trials, best, wall_s)
+    if not finished:  # printed even with --quiet: the exit code alone does not say what to do next
+        print(f"the sweep stopped before all {experiment.num_samples} trials finished; "
+              f"continue it with --resume", file=sys.stderr)
+    return SweepOutcome(str(run_dir), trials, best, wall_s, finished)
