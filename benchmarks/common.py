@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import yaml
 
+from dualnet.files import write_atomic
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -70,7 +72,5 @@ def trial_start(rows: list[dict]) -> float:
 def write_report(path: Path, report: dict[str, Any]) -> None:
     """Write ``report`` as JSON, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(report, indent=2))
     print(f"wrote {path}")

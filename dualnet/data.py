@@ -17,13 +17,14 @@ import gzip
 import os
 import shutil
 import struct
-import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .files import write_atomic
 
 IMAGE_SIZE = 28
 NUM_CLASSES = 10
@@ -110,10 +111,7 @@ def _stage_into_cache(found: dict[str, Path], raw_folder: Path) -> None:
     for stem, data in contents.items():
         if (raw_folder / stem).exists() and found[stem] == raw_folder / stem:
             continue
-        fd, tmp = tempfile.mkstemp(dir=raw_folder, prefix=f".{stem}.")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, raw_folder / stem)
+        write_atomic(raw_folder / stem, data)
 
 
 def _candidate_dirs(data_dir: str | os.PathLike | None) -> list[Path]:

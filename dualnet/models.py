@@ -15,6 +15,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .files import atomic_path
 from .data import IMAGE_SIZE, NUM_CLASSES, NUM_NUMBERS, NUM_SUMS
 
 # Fashion-MNIST training-set pixel statistics on the [0, 1] scale.
@@ -177,14 +178,8 @@ def save_model(model: DualNet, path: str | os.PathLike | BinaryIO, extra: dict |
     if hasattr(path, "write"):
         torch.save(payload, path)
         return
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> DualNet:

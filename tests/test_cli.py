@@ -68,7 +68,7 @@ def test_bad_flags_and_config_give_one_line_exit_2(tmp_path):
         assert proc.returncode == 2, (args, proc.stderr)
         assert message in proc.stderr and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
         assert "epoch" not in proc.stdout, args  # refused before any training
-    assert not list(tmp_path.glob("*.tmp*"))
+    assert not list(tmp_path.glob(".*")), "a temporary file was left behind"
 
 
 def test_a_config_entry_without_arch_is_the_late_design_only(tmp_path):

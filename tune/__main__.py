@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from dualnet import DataError
+from dualnet.files import atomic_path
 
 from .config import ConfigError, check_name, load_experiment
 
@@ -94,9 +95,11 @@ def analyze_command(args: argparse.Namespace) -> int:
     print(importances.to_string(index=False, float_format=lambda v: f"{v:.3f}") if not importances.empty
           else "  not enough full-budget trials yet")
     for name, frame in (("trials", sweep.trials), ("history", sweep.history), ("importances", importances)):
-        frame.to_csv(out / f"{name}.csv", index=False)
+        with atomic_path(out / f"{name}.csv") as tmp:
+            frame.to_csv(tmp, index=False)
         if name != "importances":
-            frame.to_parquet(out / f"{name}.parquet", index=False)
+            with atomic_path(out / f"{name}.parquet") as tmp:
+                frame.to_parquet(tmp, index=False)
     plots = report.write_plots(sweep, importances, out)
     page = report.write_html(sweep, board, importances, plots, out / "report.html")
     print(f"\nwrote {out}/trials.*, history.*, importances.csv, {len(plots)} plots and {page}")

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from dualnet.data import MAX_SEED
 from dualnet.models import ARCHS
 from dualnet.train import TrainConfig
 
@@ -273,7 +274,7 @@ def _check_ranges(e: Experiment) -> None:
     need(e.data.train_subset is None or e.data.train_subset >= 1,
          f"data.train_subset: must be >= 1 or null, got {e.data.train_subset}")
     for key, seed in (("seed", e.seed), ("data.seed", e.data.seed)):
-        need(0 <= seed < 2 ** 32, f"{key}: must be from 0 to 2**32 - 1, got {seed}")
+        need(0 <= seed < MAX_SEED, f"{key}: must be in [0, {MAX_SEED}), got {seed}")
     need(bool(e.storage.strip()), "storage: must name a folder or a URI")
     if "arch" not in e.space:
         raise ConfigError(f"space.arch: required; give a design ({', '.join(ARCHS)}) or choice over them")

@@ -11,11 +11,11 @@ import math
 import os
 import statistics
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 from dualnet import DualData, TrainConfig, evaluate_split, fit, load_data, save_model
+from dualnet.files import write_atomic
 from dualnet.train import pick_device
 
 
@@ -82,9 +82,7 @@ def _save_model_file(run: dict[str, Any], models: Path) -> dict[str, Any]:
     """Move ``run``'s model bytes to ``models/<arch>-seed<k>.pt`` (atomically); return ``run`` with its path."""
     models.mkdir(parents=True, exist_ok=True)
     path = models / f"{run['arch']}-seed{run['seed']}.pt"
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}")
-    tmp.write_bytes(run.pop("model"))
-    os.replace(tmp, path)
+    write_atomic(path, run.pop("model"))
     return {**run, "model_path": str(path)}
 
 
@@ -156,9 +154,7 @@ def run_confirm(configs: list[dict[str, Any]], seeds: int, epochs: int | None, o
         runs = [_save_model_file(train_and_test(job, data, cpus_per_task), out_dir / "models") for job in jobs]
     report = {"configs": configs, "seeds": seeds, "epochs": epochs, "wall_s": time.perf_counter() - started,
               "runs": sorted(runs, key=lambda r: (r["arch"], r["seed"])), **summarize(runs)}
-    tmp = out_dir / f".confirm.json.{uuid.uuid4().hex[:6]}"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out_dir / "confirm.json")
+    write_atomic(out_dir / "confirm.json", json.dumps(report, indent=2))
     return report
 
 

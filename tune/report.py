@@ -13,6 +13,8 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from dualnet.files import atomic_path, write_atomic  # noqa: E402
+
 from .analysis import Sweep  # noqa: E402
 
 ARCH_COLOURS = {"late": "#1f77b4", "pixel": "#d62728"}
@@ -24,7 +26,8 @@ def _colour(arch: str) -> str:
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path
 
@@ -164,7 +167,5 @@ All accuracies are on the validation split; confirm a config on the test set wit
 {images}
 </body></html>
 """
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page)
-    tmp.replace(path)
+    write_atomic(path, page)
     return path

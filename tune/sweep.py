@@ -23,6 +23,7 @@ import pandas as pd
 import yaml
 
 from dualnet import load_data
+from dualnet.files import atomic_path, write_atomic
 
 from .config import ConfigError, Experiment, from_dict
 from .search import STUDY_FILE, TimeBudgetStopper, make_scheduler, make_searcher, study_storage
@@ -62,12 +63,6 @@ def run_location(experiment: Experiment) -> tuple[str, Path]:
         return experiment.storage, Path("runs").resolve() / experiment.name
     storage = Path(experiment.storage.removeprefix("file://")).expanduser().resolve()
     return str(storage), storage / experiment.name
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _prepare_run_dir(experiment: Experiment, run_dir: Path, resume: bool) -> None:
@@ -237,8 +232,8 @@ def write_config_file(path: Path, configs: list[dict[str, Any]], meta: dict[str,
     one mapping for a single config, ``configs:`` for several, with ``meta`` beside them."""
     body = {"configs": configs, "meta": meta} if len(configs) > 1 else {**configs[0], "meta": meta}
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, "# Train with: python -m dualnet train --config THIS_FILE, or check with python -m tune "
-                        "confirm THIS_FILE\n" + yaml.safe_dump(body, sort_keys=False))
+    write_atomic(path, "# Train with: python -m dualnet train --config THIS_FILE, or check with python -m tune "
+                       "confirm THIS_FILE\n" + yaml.safe_dump(body, sort_keys=False))
 
 
 def leaderboard(trials: pd.DataFrame, experiment: Experiment, top: int = 5) -> str:
@@ -257,9 +252,8 @@ def write_results(run_dir: Path, trials: pd.DataFrame, best: dict[str, Any] | No
     """Write trials.csv / trials.parquet / best_config.yaml, each atomically."""
     for name, writer in (("trials.csv", lambda p: trials.to_csv(p, index=False)),
                          ("trials.parquet", lambda p: trials.to_parquet(p, index=False))):
-        tmp = run_dir / f".{name}.{uuid.uuid4().hex[:8]}"
-        writer(tmp)
-        os.replace(tmp, run_dir / name)
+        with atomic_path(run_dir / name) as tmp:
+            writer(tmp)
     if best is not None:
         write_config_file(run_dir / "best_config.yaml", [best["config"]], best["meta"])
 
@@ -468,7 +462,7 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
             )
             # Written only once the Tuner has saved its own state beside it: this file is what makes the
             # folder a sweep that --resume can continue, so no earlier failure may leave it behind.
-            _write_atomic(run_dir / EXPERIMENT_FILE, yaml.safe_dump(experiment.to_dict(), sort_keys=False))
+            write_atomic(run_dir / EXPERIMENT_FILE, yaml.safe_dump(experiment.to_dict(), sort_keys=False))
         (run_dir / TIME_BUDGET_MARKER).unlink(missing_ok=True)
         results = tuner.fit()
     finally:
