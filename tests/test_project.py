@@ -1,6 +1,8 @@
 """Packaging stays consistent: pyproject vs environment.yml, and the README's test command vs CI."""
 
 import re
+import subprocess
+import sys
 import tomllib
 
 import yaml
@@ -39,3 +41,12 @@ def test_ci_runs_exactly_the_readme_test_command():
     start = ci_lines.index(test_lines[0])
     assert ci_lines[start:start + len(test_lines)] == test_lines, "CI must run the README's test command verbatim"
     assert "apt-get install -y dataset-fashion-mnist" in ci
+
+
+def test_ray_is_imported_only_where_it_runs():
+    """dualnet never imports Ray; tune's analysis and export commands do not need it either."""
+    probe = ("import sys, dualnet, dualnet.train, dualnet.__main__; assert 'ray' not in sys.modules, 'dualnet'; "
+             "import tune.__main__, tune.analysis, tune.report, tune.confirm, tune.config; "
+             "assert 'ray' not in sys.modules, 'tune analysis'")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -92,7 +92,7 @@ def test_orphaned_running_study_trials_are_closed_and_labelled(tmp_path):
     import optuna
 
     from tune.config import from_dict
-    from tune.search import study_storage
+    from tune.sweep import study_storage
     from tune.sweep import _close_open_study_trials
 
     experiment = from_dict({"name": "orphans", "space": {"arch": "late"}})

@@ -21,8 +21,7 @@ import pandas as pd
 import yaml
 
 from .config import METRICS, ConfigError, Experiment, from_dict, metric_mode
-from .search import STUDY_FILE, study_storage
-from .sweep import EXPERIMENT_FILE, MACHINE_KEYS, is_uri, rank_trials, trial_status
+from .sweep import EXPERIMENT_FILE, MACHINE_KEYS, STUDY_FILE, is_uri, rank_trials, trial_status, study_storage
 
 
 

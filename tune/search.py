@@ -15,8 +15,8 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import TimeoutStopper
 
 from .config import Experiment, metric_mode
+from .sweep import study_storage
 
-STUDY_FILE = "optuna.journal"
 
 
 class BudgetAwareOptunaSearch(OptunaSearch):
@@ -110,11 +110,6 @@ def optuna_space(experiment: Experiment) -> dict[str, optuna.distributions.BaseD
         # Nothing is searched (a fixed recipe): Optuna still needs one distribution to record trials.
         space["arch"] = CategoricalDistribution(experiment.space["arch"].args)
     return space
-
-
-def study_storage(run_dir: Path) -> optuna.storages.BaseStorage:
-    """The study's journal file in the run folder; ``optuna.load_study`` and optuna-dashboard open it."""
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run_dir / STUDY_FILE)))
 
 
 def make_searcher(experiment: Experiment, run_dir: Path) -> ConcurrencyLimiter:

@@ -26,9 +26,9 @@ from dualnet import load_data
 from dualnet.files import atomic_path, write_atomic
 
 from .config import ConfigError, Experiment, from_dict
-from .search import STUDY_FILE, TimeBudgetStopper, make_scheduler, make_searcher, study_storage
 
 EXPERIMENT_FILE = "experiment.yaml"
+STUDY_FILE = "optuna.journal"
 RESULT_FILES = ("trials.csv", "trials.parquet", "best_config.yaml")
 TIME_BUDGET_MARKER = ".time_budget_spent"
 # While "0", Ray binds to 127.0.0.1 instead of the machine's public address.
@@ -63,6 +63,14 @@ def run_location(experiment: Experiment) -> tuple[str, Path]:
         return experiment.storage, Path("runs").resolve() / experiment.name
     storage = Path(experiment.storage.removeprefix("file://")).expanduser().resolve()
     return str(storage), storage / experiment.name
+
+
+def study_storage(run_dir: Path):
+    """The study's journal file in the run folder (an Optuna storage); ``optuna.load_study`` and
+    optuna-dashboard open it."""
+    import optuna
+
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run_dir / STUDY_FILE)))
 
 
 def _prepare_run_dir(experiment: Experiment, run_dir: Path, resume: bool) -> None:
@@ -411,6 +419,7 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
     from ray import tune
 
     from .progress import ProgressTable
+    from .search import TimeBudgetStopper, make_scheduler, make_searcher
     from .trainable import train_trial
 
     upload_snapshots_one_at_a_time()
