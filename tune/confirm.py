@@ -18,6 +18,8 @@ from dualnet import DualData, TrainConfig, evaluate_split, fit, load_data, save_
 from dualnet.files import write_atomic
 from dualnet.train import pick_device
 
+from .config import ConfigError
+
 
 # Two-sided 95% Student-t quantiles t(0.975, df) for df = 1..30; the normal value beyond.
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -103,8 +105,6 @@ def run_confirm(configs: list[dict[str, Any]], seeds: int, epochs: int | None, o
         ValueError: a bad training setting (named).
         DataError: the dataset is missing or damaged.
     """
-    from .config import ConfigError
-
     jobs = [{**c, "seed": seed, **({"epochs": epochs} if epochs else {})} for c in configs for seed in range(seeds)]
     for job in jobs:  # fail before any training
         device = TrainConfig.from_dict(job).device
