@@ -345,7 +345,7 @@ def start_ray(address: str | None) -> None:
         from ray._private import ray_constants
 
         # Ray's processes read this when they start. Ray itself read it when it was imported, which
-        # may have been before this call (the analysis modules import Ray), so set its copy as well.
+        # may have been before this call (a caller that imported Ray first), so set its copy as well.
         os.environ[LOCAL_ONLY_ENV] = "0"
         ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1", logging_level="WARNING")
