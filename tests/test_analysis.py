@@ -4,6 +4,7 @@ import json
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -145,6 +146,16 @@ def test_confirm_trains_seeds_and_reports_intervals(sweep, tmp_path):
         assert model.arch == arch
     assert report["difference"]["of"] == "late - pixel"
     assert "late - pixel" in proc.stdout and "95% interval" in proc.stdout
+    # A rerun into the same folder with one design and one seed leaves only its own model there.
+    late = tmp_path / "late.yaml"
+    late.write_text(yaml.safe_dump({"arch": "late", "width": 4, "hidden": 32, "epochs": 1}))
+    rerun = _cli(tmp_path, "confirm", str(late), "--seeds", "1", "--out", str(tmp_path / "confirm"),
+                 "--data-dir", data_dir, "--no-download", "--no-ray")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "removed 3 model(s) an earlier confirmation left in" in rerun.stdout
+    report = json.loads((tmp_path / "confirm" / "confirm.json").read_text())
+    assert [Path(r["model_path"]).name for r in report["runs"]] == ["late-seed0.pt"]
+    assert sorted(p.name for p in (tmp_path / "confirm" / "models").iterdir()) == ["late-seed0.pt"]
     # A task bigger than the cluster would wait forever in Ray's queue.
     greedy = _cli(tmp_path, "confirm", str(both), "--seeds", "1", "--out", str(tmp_path / "greedy"),
                   "--data-dir", data_dir, "--no-download", "--cpus-per-task", "64")

@@ -2,6 +2,9 @@
 
 import os
 import re
+import subprocess
+import sys
+import textwrap
 
 import optuna
 import pandas as pd
@@ -10,6 +13,7 @@ import pytest
 from dualnet import TrainConfig
 from dualnet.train import load_config_file
 
+from .conftest import REPO
 from .sweeps import load_study, read_trials_csv
 
 pytestmark = pytest.mark.slow
@@ -60,31 +64,50 @@ def test_best_config_is_the_best_full_budget_trial_and_trains(sweep):
     assert config.epochs == 2 and config.hidden == 32
 
 
-def _without_ray_sigterm_race(text: str) -> str:
-    """Drop one Ray-internal message: when Ray SIGTERMs a trial worker that is inside a garbage-collection
-    callback, Ray's own sigterm_handler raises there and the worker prints that traceback (Python's
-    "Exception ignored"). Seen once in about 20 CI runs of this sweep; the handler and the race are Ray's.
-    Any other traceback, from that worker or elsewhere, still fails the test."""
-    lines = text.splitlines()
-    for pid in set(re.findall(r"\(train_trial pid=(\d+)\).*in sigterm_handler", text)):
-        mine = [i for i, line in enumerate(lines) if f"(train_trial pid={pid})" in line]
-        end = next(i for i in mine if "in sigterm_handler" in lines[i])
-        start = max([i for i in mine if i <= end and re.search(r"Traceback|Exception ignored", lines[i])],
-                    default=end)
-        tail = next((i for i in mine if i > end and "SystemExit" in lines[i]), end)
-        lines[start:tail + 1] = [""] * (tail + 1 - start)
-    return "\n".join(lines)
-
-
 def test_output_is_a_clean_progress_table(sweep):
     _, proc = sweep
-    out = _without_ray_sigterm_race(proc.stdout + proc.stderr)
+    out = proc.stdout + proc.stderr
     assert re.search(r"trial\s+arch\s+lr\s+width\s+epoch\s+val_joint_acc", proc.stdout)
     assert "Top trials by val_joint_acc" in proc.stdout
     assert "Traceback" not in out and "SIGTERM" not in out
     assert "Checkpoint successfully created" not in out
     deprecations = [line for line in out.splitlines() if re.search("deprecat", line, re.I) and "ray" in line.lower()]
     assert not deprecations, deprecations
+
+
+def test_a_trial_worker_stopped_inside_a_gc_callback_prints_nothing():
+    """Ray's SIGTERM handler raises SystemExit wherever a trial worker is; inside a garbage-collection
+    callback Python prints that as "Exception ignored" with Ray's traceback (once in about 20 CI runs of
+    the sweep above). The same happens here, in a process of its own, where pytest's hook is absent."""
+    script = textwrap.dedent("""
+        import signal, weakref
+        from tune.trainable import quiet_exits_in_callbacks
+        quiet_exits_in_callbacks()
+        quiet_exits_in_callbacks()  # a second trial in the same worker
+
+        def sigterm_handler(signum, frame):  # as Ray's: SystemExit wherever the signal lands
+            raise SystemExit(1)
+
+        signal.signal(signal.SIGTERM, sigterm_handler)
+
+        class Model:
+            pass
+
+        def stopped_here(ref):
+            signal.raise_signal(signal.SIGTERM)
+
+        model = Model()
+        watch = weakref.ref(model, stopped_here)
+        del model
+        other = Model()
+        broken = weakref.ref(other, lambda ref: 1 / 0)
+        del other
+        print("still running")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout == "still running\n", proc.stderr
+    assert "SystemExit" not in proc.stderr and "sigterm_handler" not in proc.stderr, proc.stderr
+    assert "Exception ignored" in proc.stderr and "ZeroDivisionError" in proc.stderr, proc.stderr
 
 
 def test_a_snapshot_is_written_only_after_the_previous_upload_finished(tmp_path):

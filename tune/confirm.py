@@ -9,12 +9,13 @@ import io
 import json
 import math
 import os
+import re
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from dualnet import DualData, TrainConfig, evaluate_split, fit, load_data, save_model
+from dualnet import ARCHS, DualData, TrainConfig, evaluate_split, fit, load_data, save_model
 from dualnet.files import write_atomic
 from dualnet.train import pick_device
 
@@ -88,13 +89,27 @@ def _save_model_file(run: dict[str, Any], models: Path) -> dict[str, Any]:
     return {**run, "model_path": str(path)}
 
 
+def _remove_earlier_models(models: Path, kept: set[str]) -> int:
+    """Delete the model files (``<arch>-seed<k>.pt``) in ``models`` that are not in ``kept``; return how many.
+
+    A confirmation rerun into the same folder with fewer seeds or other designs would otherwise leave
+    the earlier run's models beside files that ``confirm.json`` no longer describes.
+    """
+    pattern = re.compile(rf"({'|'.join(map(re.escape, ARCHS))})-seed\d+\.pt")
+    earlier = [p for p in models.glob("*.pt") if pattern.fullmatch(p.name) and str(p) not in kept]
+    for path in earlier:
+        path.unlink()
+    return len(earlier)
+
+
 def run_confirm(configs: list[dict[str, Any]], seeds: int, epochs: int | None, out_dir: Path,
                 data_dir: str | None = None, download: bool = True, cpus_per_task: int = 1,
                 gpus_per_task: float = 0, parallel: bool = True, log=print) -> dict[str, Any]:
     """Train every config with seeds 0..seeds-1 (as parallel Ray tasks when ``parallel``) and write results.
 
     Writes ``out_dir/models/<arch>-seed<k>.pt`` as each run ends, so a later failure keeps the
-    finished models, and ``out_dir/confirm.json`` (atomically) once all have ended.
+    finished models, and ``out_dir/confirm.json`` (atomically) once all have ended. Then it removes
+    the models an earlier confirmation left in that folder, so the folder holds one confirmation.
 
     Returns:
         The contents of ``confirm.json``.
@@ -155,6 +170,9 @@ def run_confirm(configs: list[dict[str, Any]], seeds: int, epochs: int | None, o
     report = {"configs": configs, "seeds": seeds, "epochs": epochs, "wall_s": time.perf_counter() - started,
               "runs": sorted(runs, key=lambda r: (r["arch"], r["seed"])), **summarize(runs)}
     write_atomic(out_dir / "confirm.json", json.dumps(report, indent=2))
+    removed = _remove_earlier_models(out_dir / "models", {r["model_path"] for r in runs})
+    if removed:
+        log(f"removed {removed} model(s) an earlier confirmation left in {out_dir / 'models'}")
     return report
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,27 @@ from dualnet.train import EpochReport
 STATE_FILE = "state.pt"
 
 
+def quiet_exits_in_callbacks() -> None:
+    """Stop this process printing a ``SystemExit`` that Python cannot raise (a garbage-collection callback).
+
+    Ray stops a trial worker with SIGTERM, and its handler raises ``SystemExit`` wherever the worker is.
+    Inside a weakref or ``__del__`` callback Python cannot raise it: it prints "Exception ignored" with
+    Ray's traceback into the sweep's output, and goes on. This drops only that print; what the worker
+    does next is unchanged. Every other unraisable exception still goes to the hook that was there
+    before. Installs once per process.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "quiets_exits", False):
+        return
+
+    def hook(unraisable) -> None:
+        if not (unraisable.exc_type is not None and issubclass(unraisable.exc_type, SystemExit)):
+            previous(unraisable)
+
+    hook.quiets_exits = True
+    sys.unraisablehook = hook
+
+
 def train_trial(config: dict[str, Any], data: DualData) -> None:
     """Train ``config`` (TrainConfig fields) on ``data``, which arrives through the object store.
 
@@ -25,6 +47,7 @@ def train_trial(config: dict[str, Any], data: DualData) -> None:
     """
     # Ray logs every persisted checkpoint at INFO; one line per epoch per trial floods the driver.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    quiet_exits_in_callbacks()
     resume = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
