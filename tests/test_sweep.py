@@ -71,6 +71,7 @@ def test_output_is_a_clean_progress_table(sweep):
     assert "Top trials by val_joint_acc" in proc.stdout
     assert "Traceback" not in out and "SIGTERM" not in out
     assert "Checkpoint successfully created" not in out
+    assert "A new study created" not in out
     deprecations = [line for line in out.splitlines() if re.search("deprecat", line, re.I) and "ray" in line.lower()]
     assert not deprecations, deprecations
 

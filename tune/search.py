@@ -124,10 +124,15 @@ def make_searcher(experiment: Experiment, run_dir: Path) -> ConcurrencyLimiter:
         sampler = optuna.samplers.GridSampler(grid, seed=experiment.seed)
     else:
         sampler = optuna.samplers.RandomSampler(seed=experiment.seed)
-    searcher = BudgetAwareOptunaSearch(space=optuna_space(experiment), sampler=sampler,
-                                       metric=experiment.metric, mode=experiment.mode,
-                                       study_name=experiment.name, storage=study_storage(run_dir),
-                                       full_epochs=experiment.epochs, epoch_budget=experiment.epoch_budget)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep says where its study is; Optuna need not
+    try:
+        searcher = BudgetAwareOptunaSearch(space=optuna_space(experiment), sampler=sampler,
+                                           metric=experiment.metric, mode=experiment.mode,
+                                           study_name=experiment.name, storage=study_storage(run_dir),
+                                           full_epochs=experiment.epochs, epoch_budget=experiment.epoch_budget)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     return ConcurrencyLimiter(searcher, max_concurrent=experiment.max_concurrent)
 
 
