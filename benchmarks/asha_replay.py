@@ -38,6 +38,7 @@ import numpy as np
 
 from common import machine, write_report
 from sample_efficiency import load_searches, random_expected_epochs, random_finals
+from tune.config import Scheduler
 
 RULES = [("none", None), ("stop", "train_loss"), ("stop", "val_joint_acc"), ("promote", "train_loss"),
          ("promote", "val_joint_acc")]
@@ -106,7 +107,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("from_dirs", type=Path, nargs="+", metavar="DIR",
                         help="work folders of sample_efficiency.py runs (each run prints its own first)")
-    parser.add_argument("--grace-period", type=int, default=1, help="the first rung (default: 1)")
+    parser.add_argument("--grace-period", type=int, help="the first rung (default: the harness's, the first "
+                        "epoch after OneCycle's warm-up)")
     parser.add_argument("--reduction-factor", type=int, default=3, help="keep 1 in this many at each rung "
                         "(default: 3)")
     parser.add_argument("--draws", type=int, default=2000, help="searches replayed per rule (default: 2000)")
@@ -125,7 +127,7 @@ def main() -> None:
     pool = [rows for trials in runs["random"] for rows in trials if len(rows) == epochs]
     finals = random_finals(runs)
     rungs = []
-    rung = args.grace_period
+    rung = Scheduler(grace_period=args.grace_period).first_rung(epochs)
     while rung < epochs:
         rungs.append(rung)
         rung *= args.reduction_factor

@@ -262,7 +262,7 @@ def main() -> None:
     parser.add_argument("--n-startup-trials", type=int, default=Searcher.n_startup_trials,
                         help=f"TPE's random start-up trials (default: the harness's, {Searcher.n_startup_trials})")
     parser.add_argument("--grace-period", type=int, default=Scheduler.grace_period, help="ASHA's first rung (default: "
-                        f"the harness's, {Scheduler.grace_period})")
+                        "the harness's: the first epoch after OneCycle's warm-up, 3 of 8)")
     parser.add_argument("--reduction-factor", type=int, default=Scheduler.reduction_factor,
                         help=f"ASHA keeps 1 in this many at each rung (default: the harness's, "
                         f"{Scheduler.reduction_factor})")

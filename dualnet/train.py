@@ -26,6 +26,9 @@ from .metrics import evaluate
 from .models import ARCHS, DualNet, build_model
 
 OPTIMIZERS = ("adamw", "sgd")
+# The share of a OneCycle run spent warming the learning rate up (torch's default, named because
+# the sweep harness places ASHA's first rung after it).
+ONECYCLE_WARMUP = 0.3
 SCHEDULES = ("onecycle", "cosine", "constant")
 PRECISIONS = ("bf16", "fp32")
 
@@ -226,7 +229,7 @@ def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_step
         # OneCycle also cycles momentum (0.95 -> 0.85 -> 0.95) unless told not to. AdamW's beta1 keeps that
         # cycle, as the 1cycle policy has it; SGD keeps the momentum the config asks for.
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
-                                                   cycle_momentum=config.optimizer != "sgd")
+                                                   pct_start=ONECYCLE_WARMUP, cycle_momentum=config.optimizer != "sgd")
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)

@@ -108,6 +108,18 @@ def test_flags_override_the_file():
     assert e.num_samples == 3 and e.resources.cpu == 2.0 and e.epochs == 3
 
 
+@pytest.mark.parametrize("epochs, first_rung", [(1, 1), (2, 1), (3, 1), (4, 2), (8, 3), (10, 3), (20, 6)])
+def test_asha_first_rung_defaults_to_the_epoch_after_onecycle_warm_up(epochs, first_rung):
+    from tune.search import make_scheduler
+
+    experiment = from_dict(_with(epochs=epochs))
+    assert experiment.scheduler.grace_period is None
+    assert experiment.scheduler.first_rung(epochs) == first_rung
+    assert make_scheduler(experiment)._brackets[0]._rungs[-1][0] == first_rung  # Ray's lowest milestone
+    explicit = from_dict(_with(epochs=epochs, scheduler__grace_period=1))
+    assert explicit.scheduler.first_rung(epochs) == 1
+
+
 def test_round_trip_through_plain_data():
     e = load_experiment(REPO / "experiments/default.yaml")
     assert from_dict(e.to_dict()) == e

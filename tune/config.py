@@ -16,7 +16,7 @@ import yaml
 
 from dualnet.data import MAX_SEED
 from dualnet.models import ARCHS
-from dualnet.train import TrainConfig
+from dualnet.train import ONECYCLE_WARMUP, TrainConfig
 
 METRICS = ("val_joint_acc", "val_class_acc", "val_sum_acc", "val_loss")
 # ASHA may rank trials at its rungs by the training loss too: it is not a search objective, only
@@ -67,13 +67,27 @@ class Searcher:
 @dataclass
 class Scheduler:
     type: str = "asha"  # asha | none
-    grace_period: int = 1
+    # ASHA's first rung, in epochs; null: the first whole epoch after OneCycle's warm-up (see first_rung).
+    grace_period: int | None = None
     reduction_factor: int = 3
     # What ASHA ranks trials by at each rung; null: the experiment's metric. The training loss, because
     # the joint accuracy sits near chance for the first epochs while the sum head starts to learn: on
     # benchmarks/sample_efficiency.py, seeds 0-9, TPE + ASHA reached a top-2.5% config in a median 72
     # epochs ranking by it, against 123.5 ranking by val_joint_acc (one run of each, README).
     metric: str | None = "train_loss"
+
+    def first_rung(self, epochs: int) -> int:
+        """Return the grace period ASHA gets for trials of ``epochs``: ``grace_period`` when set, else the
+        first whole epoch after OneCycle's warm-up (30% of the epochs), at least 1.
+
+        Before that epoch a OneCycle trial is still at a fraction of its learning rate, so a rung there
+        stops it for a slow start that a constant-rate trial never has. With rungs at epoch 1, TPE then
+        learned that OneCycle was bad and stalled on 5 of 10 seeds of benchmarks/sample_efficiency.py;
+        with this rule (3 of 8 epochs) on 1 of 10 (README, Sample efficiency).
+        """
+        if self.grace_period is not None:
+            return self.grace_period
+        return max(1, math.ceil(round(ONECYCLE_WARMUP * epochs, 9)))  # round: 0.3 * 10 is 3.0000000000000004
 
 
 @dataclass
@@ -259,9 +273,10 @@ def _check_ranges(e: Experiment) -> None:
              f"choice lists")
     need(e.searcher.n_startup_trials >= 1, "searcher.n_startup_trials: must be >= 1")
     need(e.scheduler.type in ("asha", "none"), f"scheduler.type: {e.scheduler.type!r} must be asha or none")
-    need(e.scheduler.grace_period >= 1, f"scheduler.grace_period: must be >= 1, got {e.scheduler.grace_period}")
-    need(e.scheduler.type != "asha" or e.scheduler.grace_period <= e.epochs,
-         f"scheduler.grace_period: {e.scheduler.grace_period} exceeds epochs ({e.epochs})")
+    grace = e.scheduler.grace_period
+    need(grace is None or grace >= 1, f"scheduler.grace_period: must be >= 1 or null, got {grace}")
+    need(e.scheduler.type != "asha" or grace is None or grace <= e.epochs,
+         f"scheduler.grace_period: {grace} exceeds epochs ({e.epochs})")
     need(e.scheduler.metric is None or e.scheduler.metric in RUNG_METRICS,
          f"scheduler.metric: {e.scheduler.metric!r} is not reported; use one of {', '.join(RUNG_METRICS)} or null")
     need(e.scheduler.reduction_factor >= 2,

@@ -142,7 +142,7 @@ def make_scheduler(experiment: Experiment) -> TrialScheduler:
         metric = experiment.scheduler.metric or experiment.metric
         return ASHAScheduler(time_attr="training_iteration", max_t=experiment.epochs,
                              metric=metric, mode=metric_mode(metric),
-                             grace_period=experiment.scheduler.grace_period,
+                             grace_period=experiment.scheduler.first_rung(experiment.epochs),
                              reduction_factor=experiment.scheduler.reduction_factor)
     return FIFOScheduler()
 
