@@ -83,7 +83,7 @@ class Scheduler:
         Before that epoch a OneCycle trial is still at a fraction of its learning rate, so a rung there
         stops it for a slow start that a constant-rate trial never has. With rungs at epoch 1, TPE then
         learned that OneCycle was bad and stalled on 5 of 10 seeds of benchmarks/sample_efficiency.py;
-        with this rule (3 of 8 epochs) on 1 of 10 (README, Sample efficiency).
+        with this rule (3 of 8 epochs) on 1 and 2 of 10 in two runs (README, Sample efficiency).
         """
         if self.grace_period is not None:
             return self.grace_period
