@@ -21,7 +21,8 @@ import pandas as pd
 import yaml
 
 from .config import METRICS, ConfigError, Experiment, from_dict, metric_mode
-from .sweep import EXPERIMENT_FILE, MACHINE_KEYS, STUDY_FILE, is_uri, rank_trials, trial_status, study_storage
+from .sweep import (EXPERIMENT_FILE, MACHINE_KEYS, STUDY_FILE, is_uri, quiet_optuna, rank_trials, study_storage,
+                    trial_status)
 
 
 
@@ -122,12 +123,8 @@ class Sweep:
             params = [p for p in searched if p != by and group[p].nunique() > 1]
             if len(group) < 3 or not params:
                 continue
-            verbosity = optuna.logging.get_verbosity()
-            optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "study created" line per group
-            try:
+            with quiet_optuna():  # no "study created" line per group
                 study = optuna.create_study(direction="minimize" if self.mode == "min" else "maximize")
-            finally:
-                optuna.logging.set_verbosity(verbosity)
             for _, row in group.iterrows():
                 distributions = {p: _distribution(self.trials[p]) for p in params}
                 study.add_trial(optuna.trial.create_trial(

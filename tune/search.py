@@ -15,7 +15,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import TimeoutStopper
 
 from .config import Experiment, metric_mode
-from .sweep import study_storage
+from .sweep import quiet_optuna, study_storage
 
 
 
@@ -124,15 +124,11 @@ def make_searcher(experiment: Experiment, run_dir: Path) -> ConcurrencyLimiter:
         sampler = optuna.samplers.GridSampler(grid, seed=experiment.seed)
     else:
         sampler = optuna.samplers.RandomSampler(seed=experiment.seed)
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep says where its study is; Optuna need not
-    try:
+    with quiet_optuna():  # the sweep prints how to load its study
         searcher = BudgetAwareOptunaSearch(space=optuna_space(experiment), sampler=sampler,
                                            metric=experiment.metric, mode=experiment.mode,
                                            study_name=experiment.name, storage=study_storage(run_dir),
                                            full_epochs=experiment.epochs, epoch_budget=experiment.epoch_budget)
-    finally:
-        optuna.logging.set_verbosity(verbosity)
     return ConcurrencyLimiter(searcher, max_concurrent=experiment.max_concurrent)
 
 

@@ -15,9 +15,10 @@ import posixpath
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 import yaml
@@ -63,6 +64,20 @@ def run_location(experiment: Experiment) -> tuple[str, Path]:
         return experiment.storage, Path("runs").resolve() / experiment.name
     storage = Path(experiment.storage.removeprefix("file://")).expanduser().resolve()
     return str(storage), storage / experiment.name
+
+
+@contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """Hold Optuna's log at warnings inside the block: its "A new study created" line is noise where
+    the harness says itself where the study is, or builds throwaway studies."""
+    import optuna
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def study_storage(run_dir: Path):
