@@ -47,6 +47,12 @@ _SPLIT_STREAM, _EVAL_STREAM, _TRAIN_STREAM = 1_000_003, 2_000_003, 3_000_003
 MAX_SEED = 2 ** 31
 
 
+def check_seed(name: str, seed: int) -> None:
+    """Raise ValueError, naming ``name``, unless ``seed`` lies in [0, ``MAX_SEED``)."""
+    if not 0 <= seed < MAX_SEED:
+        raise ValueError(f"{name}: must be in [0, {MAX_SEED}), got {seed}")
+
+
 class DataError(Exception):
     """The dataset could not be found or is damaged; the message says how to fix it."""
 
@@ -249,8 +255,7 @@ def make_data(train_images: torch.Tensor, train_labels: torch.Tensor,
         ValueError: ``val_size`` or ``train_subset`` leaves no training images, or ``seed`` is
             outside [0, 2**31).
     """
-    if not 0 <= seed < MAX_SEED:
-        raise ValueError(f"data seed: must be in [0, {MAX_SEED}), got {seed}")
+    check_seed("data seed", seed)
     n = len(train_labels)
     if not 0 <= val_size < n:
         raise ValueError(f"val_size={val_size} must be between 0 (train on all images) and {n - 1}")

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .data import MAX_SEED, DualData, Split
+from .data import DualData, Split, check_seed
 from .metrics import evaluate
 from .models import ARCHS, DualNet, build_model
 
@@ -99,8 +99,7 @@ class TrainConfig:
                 raise ValueError(f"{key}: must be > 0, got {getattr(self, key)}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
-        if not 0 <= self.seed < MAX_SEED:
-            raise ValueError(f"seed: must be in [0, {MAX_SEED}), got {self.seed}")
+        check_seed("seed", self.seed)
         if self.weight_decay < 0 or self.threads < 0 or not 0 <= self.momentum < 1:
             raise ValueError("weight_decay and threads must be >= 0 and momentum in [0, 1)")
         if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from dualnet.data import MAX_SEED
+from dualnet.data import check_seed
 from dualnet.models import ARCHS
 from dualnet.train import ONECYCLE_WARMUP, TrainConfig
 
@@ -289,7 +289,10 @@ def _check_ranges(e: Experiment) -> None:
     need(e.data.train_subset is None or e.data.train_subset >= 1,
          f"data.train_subset: must be >= 1 or null, got {e.data.train_subset}")
     for key, seed in (("seed", e.seed), ("data.seed", e.data.seed)):
-        need(0 <= seed < MAX_SEED, f"{key}: must be in [0, {MAX_SEED}), got {seed}")
+        try:
+            check_seed(key, seed)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     need(bool(e.storage.strip()), "storage: must name a folder or a URI")
     if "arch" not in e.space:
         raise ConfigError(f"space.arch: required; give a design ({', '.join(ARCHS)}) or choice over them")
