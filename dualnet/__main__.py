@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -20,7 +21,8 @@ HELP = {
     "follows onecycle's 0.95-0.85 cycle)", "weight_decay": "decoupled weight decay (AdamW) or L2 (SGD)",
     "schedule": "learning-rate schedule, stepped per batch", "batch_size": "training batch size",
     "seed": "training seed: init, shuffling, each epoch's numbers, dropout", "threads": "torch threads "
-    "(0 = torch's default)", "precision": "bf16 autocast or plain fp32", "channels_last": "channels_last weights "
+    "(0 = torch's default)", "precision": "bf16 autocast, plain fp32, or auto: bf16 where "
+    "the device computes it natively (CUDA; AVX-512 or AMX CPUs), else fp32", "channels_last": "channels_last weights "
     "(faster on CPU and GPU)", "device": "auto, cpu or cuda[:N]",
 }
 CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS}
@@ -90,7 +92,7 @@ def _epoch_line(arch: str, epochs: int, metrics: dict, images: int) -> str:
         line += (f" | val class {metrics['val_class_correct']}/{n} {100 * metrics['val_class_acc']:.2f}%"
                  f" | sum {metrics['val_sum_correct']}/{n} {100 * metrics['val_sum_acc']:.2f}%"
                  f" | joint {100 * metrics['val_joint_acc']:.2f}%")
-    return line + f" | {metrics['images_per_s']:,.0f} img/s | {metrics['epoch_s']:.1f} s"
+    return line + f" | {metrics['images_per_s']:,.0f} img/s {metrics['precision']} | {metrics['epoch_s']:.1f} s"
 
 
 def _save_path(save: Path, config: TrainConfig, several: bool) -> Path:
@@ -145,6 +147,8 @@ def train_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # One line per warning (fit warns about a slow precision), not the source line that raised it.
+    warnings.formatwarning = lambda message, *_: f"warning: {message}\n"
     try:
         return train_command(args)
     except (DataError, ValueError, OSError) as exc:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dualnet import TrainConfig, evaluate_split, fit, load_model, save_model
+from dualnet.train import native_bf16, pick_precision
 
 FAST = dict(width=8, hidden=256, epochs=6, lr=5e-3, batch_size=32, threads=2)
 
@@ -26,6 +27,7 @@ def test_both_designs_learn_the_synthetic_task(synthetic_data, arch):
     assert test["joint_acc"] >= 0.95
 
 
+@pytest.mark.filterwarnings("ignore:precision. bf16 on a cpu without native bf16")
 def test_test_score_is_what_the_saved_model_predicts(synthetic_data, tmp_path):
     """A bf16-trained model's test score counts exactly the predictions a user gets from the saved file."""
     result = fit({**FAST, "epochs": 1, "precision": "bf16"}, synthetic_data)
@@ -48,6 +50,7 @@ def test_epoch_metrics_are_reported(synthetic_data):
     assert m["val_joint_correct"] == round(m["val_joint_acc"] * m["val_n"])
 
 
+@pytest.mark.filterwarnings("ignore:precision. bf16 on a cpu without native bf16")
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_same_config_and_seed_give_identical_metrics(synthetic_data, precision):
     config = {**FAST, "epochs": 2, "arch": "pixel", "dropout": 0.2, "precision": precision}
@@ -56,6 +59,25 @@ def test_same_config_and_seed_give_identical_metrics(synthetic_data, precision):
     assert _strip_timing(first.history) == _strip_timing(second.history)
     other = fit({**config, "seed": 1}, synthetic_data)
     assert _strip_timing(other.history) != _strip_timing(first.history)
+
+
+def test_auto_precision_trains_in_what_the_device_runs_fast(synthetic_data, recwarn):
+    """``auto`` (the default) trains exactly as the precision it resolves to, and says which in every epoch.
+
+    On a CPU without native bf16 it must be fp32: there bf16 convolutions take PyTorch's slow reference path.
+    """
+    cpu = torch.device("cpu")
+    resolved = pick_precision("auto", cpu)
+    assert resolved == ("bf16" if native_bf16(cpu) else "fp32")
+    assert TrainConfig().precision == "auto" and pick_precision("fp32", cpu) == "fp32"
+    config = {**FAST, "epochs": 1, "device": "cpu"}
+    auto = fit(config, synthetic_data)
+    assert [m["precision"] for m in auto.history] == [resolved]
+    assert _strip_timing(auto.history) == _strip_timing(fit({**config, "precision": resolved}, synthetic_data).history)
+    other = fit({**config, "precision": "fp32" if resolved == "bf16" else "bf16"}, synthetic_data)
+    assert _strip_timing(other.history) != _strip_timing(auto.history)  # the precision shows in the numbers
+    slow_warnings = [w for w in recwarn.list if "without native bf16" in str(w.message)]
+    assert len(slow_warnings) == (0 if native_bf16(cpu) else 1)  # only the explicit bf16 run on a CPU lacking it
 
 
 @pytest.mark.parametrize("optimizer,schedule", [("adamw", "onecycle"), ("sgd", "cosine"), ("adamw", "constant")])
