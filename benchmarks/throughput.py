@@ -4,16 +4,20 @@ One run, same model and machine:
   original   torchvision dataset -> Python list of (image, one-hot, label, sum) -> DataLoader(128, shuffle) -> fp32,
              in a process of its own that never runs dualnet's ``fit`` (which changes process-wide settings)
   fp32       dualnet.fit, batches sliced from tensors, fp32, contiguous
-  bf16+cl    dualnet.fit, batches sliced from tensors, bf16 autocast, channels_last (the default)
-plus the achieved GFLOP/s of each against this machine's measured fp32 and bf16 matmul peak.
+  fp32+cl    the same with channels_last
+  bf16+cl    the same with bf16 autocast and channels_last; only where the device has native bf16
+             (``dualnet.train.native_bf16``), since elsewhere PyTorch runs bf16 convolutions on a slow path
+plus the achieved GFLOP/s of each against this machine's measured fp32 and bf16 matmul peak. dualnet's
+default (``precision: auto``, channels_last) is bf16+cl where the device has native bf16 and fp32+cl
+elsewhere; the table marks it.
 Each pipeline first runs a short warm-up of its own (the first batches pay for one-time kernel
-selection, which would otherwise count against whichever pipeline uses new kernels). Then the three
+selection, which would otherwise count against whichever pipeline uses new kernels). Then they
 take turns, one timed epoch each per round; the table gives the median over rounds, and the ratio
 is the median of the per-round ratios.
 
     python benchmarks/throughput.py                 # speed only (3 rounds of 1 epoch each)
-    python benchmarks/throughput.py --accuracy      # also 10-epoch joint accuracy of fp32 vs bf16+cl
-    python benchmarks/throughput.py --profile       # where the bf16+cl step's time goes, by op
+    python benchmarks/throughput.py --accuracy      # also 10-epoch joint accuracy of fp32 vs the default
+    python benchmarks/throughput.py --profile       # where the default training step's time goes, by op
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import write_report
 from dualnet import build_model, evaluate_split, fit, load_data
-from dualnet.train import TrainConfig
+from dualnet.train import TrainConfig, native_bf16, pick_device, pick_precision
 
 
 def matmul_peak_gflops(dtype: torch.dtype, device: str, seconds: float = 3.0) -> float:
@@ -124,7 +128,8 @@ def _original_pipeline_process(connection, config: TrainConfig, threads: int, de
 
 
 def profile_steps(config: dict) -> None:
-    """Print, op by op, where the default (bf16 + channels_last) training step of ``config`` spends its time.
+    """Print, op by op, where the default (``precision: auto``, channels_last) training step of ``config`` spends
+    its time.
 
     Profiles an epoch of ``2 * WARMUP_BATCHES`` batches after an unprofiled one, so one-time kernel
     selection is left out; the shares include the end-of-epoch bookkeeping of ``fit``.
@@ -143,10 +148,11 @@ def main() -> None:
     parser.add_argument("--arch", default="late", choices=["late", "pixel"])
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--accuracy", action="store_true", help="train fp32 and bf16+cl for --epochs and compare")
+    parser.add_argument("--accuracy", action="store_true", help="train fp32 and the default for --epochs and compare")
     parser.add_argument("--epochs", type=int, default=10, help="epochs of each --accuracy run")
     parser.add_argument("--rounds", type=int, default=3, help="timed epochs per pipeline, taken in turns")
-    parser.add_argument("--profile", action="store_true", help="only profile bf16+cl training steps by op, and exit")
+    parser.add_argument("--profile", action="store_true", help="only profile the default's training steps by op, "
+                        "and exit")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
     args = parser.parse_args()
     if args.rounds < 1 or args.epochs < 1 or args.threads < 1:
@@ -159,8 +165,14 @@ def main() -> None:
         return
 
     data = load_data()
-    variants = {"fp32": dict(precision="fp32", channels_last=False), "bf16+cl": dict(precision="bf16",
+    variants = {"fp32": dict(precision="fp32", channels_last=False), "fp32+cl": dict(precision="fp32",
                                                                                     channels_last=True)}
+    if native_bf16(pick_device(device)):
+        variants["bf16+cl"] = dict(precision="bf16", channels_last=True)
+    else:
+        print(f"bf16+cl left out: this {device} has no native bf16, so PyTorch would run its bf16 convolutions "
+              "on a slow path (dualnet's default trains in fp32 here)", flush=True)
+    default = f"{pick_precision('auto', pick_device(device))}+cl"
     results: dict[str, dict] = {}
     flops = training_flops_per_image(TrainConfig.from_dict(base))
     peaks = {"fp32": matmul_peak_gflops(torch.float32, device), "bf16": matmul_peak_gflops(torch.bfloat16, device)}
@@ -198,20 +210,21 @@ def main() -> None:
                          "gflops": statistics.median(per_round) * flops / 1e9}
 
     if args.accuracy:
-        for name, extra in variants.items():
+        for name, extra in ((name, variants[name]) for name in ("fp32", default)):
             result = fit({**base, **extra, "epochs": args.epochs}, data)
             test = evaluate_split(result.model, data.test)
             results[name].update(val_joint_acc=result.history[-1]["val_joint_acc"], test_joint_acc=test["joint_acc"])
 
     report = {"command": " ".join(["python benchmarks/throughput.py", *sys.argv[1:]]),
               "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {device}",
-              "torch": torch.__version__, "arch": args.arch, "width": args.width,
+              "torch": torch.__version__, "arch": args.arch, "width": args.width, "default": default,
               "training_mflop_per_image": flops / 1e6, "matmul_peak_gflops": peaks, "results": results}
-    print(f"{'pipeline':<10}{'images/s':>10}{'x original':>12}{'GFLOP/s':>10}{'val joint':>11}{'test joint':>11}")
+    print(f"{'pipeline':<20}{'images/s':>10}{'x original':>12}{'GFLOP/s':>10}{'val joint':>11}{'test joint':>11}")
     for name, row in results.items():
+        label = f"{name} (default)" if name == default else name
         val = f"{100 * row['val_joint_acc']:.2f}%" if "val_joint_acc" in row else "-"
         test = f"{100 * row['test_joint_acc']:.2f}%" if "test_joint_acc" in row else "-"
-        print(f"{name:<10}{row['images_per_s']:>10,.0f}{row['ratio_vs_original']:>11.2f}x{row['gflops']:>10.1f}"
+        print(f"{label:<20}{row['images_per_s']:>10,.0f}{row['ratio_vs_original']:>11.2f}x{row['gflops']:>10.1f}"
               f"{val:>11}{test:>11}")
     print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s; "
           f"training costs {flops / 1e6:.1f} MFLOP per image")

@@ -201,7 +201,8 @@ def native_bf16(device: torch.device) -> bool:
     step in bf16 took 14x as long as in fp32 with channels_last (README, Performance).
     """
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        # Ampere (compute capability 8.0) and later have bf16 tensor cores; older GPUs only emulate bf16.
+        return torch.cuda.get_device_properties(device).major >= 8
     return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
