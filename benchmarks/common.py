@@ -18,11 +18,29 @@ from dualnet.files import write_atomic
 REPO = Path(__file__).resolve().parent.parent
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
-    """One line naming the hardware and software a result was measured on."""
+    """One line naming the hardware and software a result was measured on.
+
+    It says whether the CPU has native bf16, because that decides what dualnet's default
+    precision trains in there (``dualnet.train.pick_precision``).
+    """
     import torch
 
-    return (f"{platform.machine()}, {os.cpu_count()} cores, "
+    from dualnet.train import native_bf16
+
+    bf16 = "native bf16" if native_bf16(torch.device("cpu")) else "no native bf16"
+    return (f"{cpu_model()} ({platform.machine()}, {bf16}), {os.cpu_count()} cores, "
             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2 ** 30:.0f} GiB RAM, "
             f"torch {torch.__version__}, python {platform.python_version()}")
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import platform
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import write_report
+from common import machine, write_report
 from dualnet import build_model, evaluate_split, fit, load_data
 from dualnet.train import TrainConfig, native_bf16, pick_device, pick_precision
 
@@ -216,7 +215,7 @@ def main() -> None:
             results[name].update(val_joint_acc=result.history[-1]["val_joint_acc"], test_joint_acc=test["joint_acc"])
 
     report = {"command": " ".join(["python benchmarks/throughput.py", *sys.argv[1:]]),
-              "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {device}",
+              "machine": f"{machine()}, {torch.get_num_threads()} threads, {device}",
               "torch": torch.__version__, "arch": args.arch, "width": args.width, "default": default,
               "training_mflop_per_image": flops / 1e6, "matmul_peak_gflops": peaks, "results": results}
     print(f"{'pipeline':<20}{'images/s':>10}{'x original':>12}{'GFLOP/s':>10}{'val joint':>11}{'test joint':>11}")
