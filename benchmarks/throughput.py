@@ -6,7 +6,7 @@ One run, same model and machine:
   fp32       dualnet.fit, batches sliced from tensors, fp32, contiguous
   fp32+cl    the same with channels_last
   bf16+cl    the same with bf16 autocast and channels_last; only where the device has native bf16
-             (``dualnet.train.native_bf16``), since elsewhere PyTorch runs bf16 convolutions on a slow path
+             (where ``dualnet.train.pick_precision`` resolves ``auto`` to bf16), since elsewhere PyTorch runs bf16 convolutions on a slow path
 plus the achieved GFLOP/s of each against this machine's measured fp32 and bf16 matmul peak. dualnet's
 default (``precision: auto``, channels_last) is bf16+cl where the device has native bf16 and fp32+cl
 elsewhere; the table marks it.
@@ -37,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import machine, write_report
 from dualnet import build_model, evaluate_split, fit, load_data
-from dualnet.train import TrainConfig, native_bf16, pick_device, pick_precision
+from dualnet.train import TrainConfig, pick_device, pick_precision
 
 
 def matmul_peak_gflops(dtype: torch.dtype, device: str, seconds: float = 3.0) -> float:
@@ -166,12 +166,12 @@ def main() -> None:
     data = load_data()
     variants = {"fp32": dict(precision="fp32", channels_last=False), "fp32+cl": dict(precision="fp32",
                                                                                     channels_last=True)}
-    if native_bf16(pick_device(device)):
+    default = f"{pick_precision('auto', pick_device(device))}+cl"  # what fit's precision: auto trains in here
+    if default == "bf16+cl":
         variants["bf16+cl"] = dict(precision="bf16", channels_last=True)
     else:
         print(f"bf16+cl left out: this {device} has no native bf16, so PyTorch would run its bf16 convolutions "
               "on a slow path (dualnet's default trains in fp32 here)", flush=True)
-    default = f"{pick_precision('auto', pick_device(device))}+cl"
     results: dict[str, dict] = {}
     flops = training_flops_per_image(TrainConfig.from_dict(base))
     peaks = {"fp32": matmul_peak_gflops(torch.float32, device), "bf16": matmul_peak_gflops(torch.bfloat16, device)}
