@@ -197,8 +197,9 @@ def native_bf16(device: torch.device) -> bool:
 
     On a CPU that is PyTorch's own test for handing bf16 convolutions to oneDNN (AVX-512 or
     AMX on x86, bf16 instructions on Arm). Where it fails, as on AVX2-only x86 such as AMD
-    Zen 3, bf16 convolutions run on PyTorch's reference path instead: there a width-16 training
-    step in bf16 took 14x as long as in fp32 with channels_last (README, Performance).
+    Zen 3, bf16 convolutions run on PyTorch's reference path instead: there a 16-channel convolution
+    took 14x as long in bf16 as in fp32 with channels_last, and a width-16 training epoch 8x (README,
+    Performance).
     """
     if device.type == "cuda":
         # Ampere (compute capability 8.0) and later have bf16 tensor cores; older GPUs only emulate bf16.
