@@ -21,9 +21,9 @@ HELP = {
     "follows onecycle's 0.95-0.85 cycle)", "weight_decay": "decoupled weight decay (AdamW) or L2 (SGD)",
     "schedule": "learning-rate schedule, stepped per batch", "batch_size": "training batch size",
     "seed": "training seed: init, shuffling, each epoch's numbers, dropout", "threads": "torch threads "
-    "(0 = torch's default)", "precision": "bf16 autocast, plain fp32, or auto: bf16 where "
-    "the device computes it natively (CUDA; AVX-512 or AMX CPUs), else fp32", "channels_last": "channels_last weights "
-    "(faster on CPU and GPU)", "device": "auto, cpu or cuda[:N]",
+    "(0 = torch's default)", "precision": "bf16 autocast, plain fp32, or auto: bf16 where the device computes it "
+    "natively (CUDA compute capability 8.0+; AVX-512 or AMX CPUs), else fp32",
+    "channels_last": "channels_last weights (faster on CPU and GPU)", "device": "auto, cpu or cuda[:N]",
 }
 CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS}
 
@@ -80,8 +80,11 @@ def _configs(args: argparse.Namespace) -> list[TrainConfig]:
         archs = [entry.get("arch", TrainConfig.arch) for entry in base]
     configs = []
     for arch in archs:
-        matching = [entry for entry in base if entry.get("arch", TrainConfig.arch) == arch] or [base[0]]
-        configs.append(TrainConfig.from_dict({**matching[0], **overrides, "arch": arch}))
+        matching = [entry for entry in base if entry.get("arch", TrainConfig.arch) == arch]
+        if not matching and "arch" in base[0]:
+            warnings.warn(f"{args.config} holds no {arch} config; {arch} trains with the settings of its "
+                          f"{base[0]['arch']} config")
+        configs.append(TrainConfig.from_dict({**(matching or base)[0], **overrides, "arch": arch}))
     return configs
 
 

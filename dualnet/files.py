@@ -1,12 +1,34 @@
-"""Writing result files so that a crash never leaves a half-written one."""
+"""Reading settings files, and writing result files so that a crash never leaves a half-written one."""
 
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+import yaml
+
+
+class _SettingsLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-3`` and ``1.0e3`` as floats. YAML 1.1, which PyYAML
+    follows, wants a dot and a signed exponent, so ``lr: 1e-3`` would arrive as the string "1e-3"."""
+
+
+_SettingsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML like ``yaml.safe_load``, except that exponents read as in Python (``1e-3`` is a float).
+
+    Raises:
+        yaml.YAMLError: the text is not valid YAML.
+    """
+    return yaml.load(text, Loader=_SettingsLoader)
 
 
 @contextmanager

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import DualData, Split, check_seed
+from .files import load_yaml
 from .metrics import evaluate
 from .models import ARCHS, DualNet, build_model
 
@@ -32,6 +33,7 @@ OPTIMIZERS = ("adamw", "sgd")
 ONECYCLE_WARMUP = 0.3
 SCHEDULES = ("onecycle", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
+MAX_THREADS = 1024
 
 
 @dataclass
@@ -78,6 +80,8 @@ class TrainConfig:
                     isinstance(value, float) and value.is_integer()
             elif kind is float:
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if ok and not math.isfinite(value):
+                    raise ValueError(f"{key}: must be a finite number, got {value!r}")
             else:
                 ok = isinstance(value, str)
             if not ok:
@@ -103,6 +107,9 @@ class TrainConfig:
         check_seed("seed", self.seed)
         if self.weight_decay < 0 or self.threads < 0 or not 0 <= self.momentum < 1:
             raise ValueError("weight_decay and threads must be >= 0 and momentum in [0, 1)")
+        if self.threads > MAX_THREADS:  # far more makes the OpenMP runtime crash the process
+            raise ValueError(f"threads: at most {MAX_THREADS}, got {self.threads}; 0 leaves torch's default "
+                             f"(this machine's cores)")
         if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):
             raise ValueError(f"device: {self.device!r} is not auto, cpu or cuda[:N]")
 
@@ -150,7 +157,7 @@ def load_config_file(path: str | os.PathLike) -> list[dict[str, Any]]:
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not a YAML text file") from None
     try:
-        loaded = yaml.safe_load(text)
+        loaded = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(loaded, dict):

@@ -39,12 +39,20 @@ def test_train_both_designs_prints_epochs_saves_models_and_test_accuracy(tmp_pat
 def test_train_accepts_a_config_file_and_flags_override_it(tmp_path):
     write_dataset(tmp_path / "idx", n_train=600, n_test=100)
     config = tmp_path / "best.yaml"
+    # Written by hand, as a user would: YAML 1.1 alone would read 2e-3 as a string.
     config.write_text(yaml.safe_dump({"arch": "pixel", "width": 4, "hidden": 16, "epochs": 3,
-                                      "meta": {"from": "a sweep"}}))
+                                      "meta": {"from": "a sweep"}}) + "lr: 2e-3\n")
     proc = _train(tmp_path, "--config", str(config), "--epochs", "1", "--data-dir", str(tmp_path / "idx"),
-                  "--val-size", "100")
+                  "--val-size", "100", "--save", str(tmp_path / "m.pt"))
     assert proc.returncode == 0, proc.stderr
     assert sum(line.startswith("[pixel] epoch  1/1") for line in proc.stdout.splitlines()) == 1
+    assert load_model(tmp_path / "m.pt").hparams["width"] == 4 and proc.stderr == ""
+    # A design the file has no config for borrows another design's settings, and says so.
+    proc = _train(tmp_path, "--config", str(config), "--arch", "late", "--epochs", "1",
+                  "--data-dir", str(tmp_path / "idx"), "--val-size", "100")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == f"warning: {config} holds no late config; late trains with the settings of its pixel config\n"
+    assert sum(line.startswith("[late] epoch  1/1") for line in proc.stdout.splitlines()) == 1
 
 
 def test_bad_flags_and_config_give_one_line_exit_2(tmp_path):
@@ -61,6 +69,9 @@ def test_bad_flags_and_config_give_one_line_exit_2(tmp_path):
                           (["--config", str(tmp_path / "absent.yaml")], "absent.yaml: cannot read config file"),
                           (["--config", str(binary)], "binary.pt: not a YAML text file"),
                           (["--seed", "3000000000000000"], "seed: must be in"),
+                          (["--threads", "100000"], "threads: at most 1024"),
+                          (["--weight-decay", "nan"], "weight_decay: must be a finite number, got nan"),
+                          (["--lr", "inf"], "lr: must be a finite number, got inf"),
                           (["--data-seed", "-1"], "data seed: must be in"),
                           (["--save", str(tmp_path)], "is a folder"),
                           (["--device", "cudax"], "cuda[:N]"), (["--device", "cuda:7"], "CUDA device(s)")):

@@ -20,6 +20,8 @@ import optuna
 import pandas as pd
 import yaml
 
+from dualnet.files import load_yaml
+
 from .config import METRICS, ConfigError, Experiment, from_dict, metric_mode
 from .sweep import (EXPERIMENT_FILE, MACHINE_KEYS, STUDY_FILE, is_uri, quiet_optuna, rank_trials, study_storage,
                     trial_status)
@@ -36,7 +38,7 @@ def _read_experiment(run_dir: Path) -> Experiment:
         raise AnalysisError(f"{run_dir} is not a sweep run folder ({EXPERIMENT_FILE} missing); "
                             f"give the folder that 'python -m tune sweep' printed")
     try:
-        return from_dict(yaml.safe_load(path.read_text()))
+        return from_dict(load_yaml(path.read_text()))
     except (ConfigError, yaml.YAMLError) as exc:
         raise AnalysisError(f"{path} is unreadable: {exc}") from None
 

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from dualnet.data import check_seed
+from dualnet.files import load_yaml
 from dualnet.models import ARCHS
 from dualnet.train import ONECYCLE_WARMUP, TrainConfig
 
@@ -29,8 +30,10 @@ def metric_mode(metric: str) -> str:
     return "min" if metric.endswith("loss") else "max"
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
-# The harness sets these per trial; a sweep may not search them.
-HARNESS_KEYS = ("epochs", "threads", "device")
+# Training settings the harness sets for every trial, so a sweep may not search them; each with its source.
+HARNESS_KEYS = {"epochs": "every trial trains for the top-level epochs key",
+                "threads": "the harness sets it from resources.cpu",
+                "device": "the harness sets it from resources.gpu"}
 SEARCHABLE = tuple(f.name for f in fields(TrainConfig) if f.name not in HARNESS_KEYS)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -139,6 +142,8 @@ def _check_type(where: str, value: Any, kind: type, optional: bool = False) -> A
     if value is None and optional:
         return None
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: must be a finite number, got {value!r}")
         return float(value)
     if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)
@@ -170,7 +175,7 @@ def _field_value(where: str, spec: Any, value: Any) -> Any:
 def _param(key: str, raw: Any) -> Param:
     where = f"space.{key}"
     if key not in SEARCHABLE:
-        hint = " (the harness sets it; use the top-level key)" if key in HARNESS_KEYS else ""
+        hint = f" ({HARNESS_KEYS[key]})" if key in HARNESS_KEYS else ""
         raise ConfigError(f"{where}: unknown hyperparameter{hint}; searchable: {', '.join(SEARCHABLE)}")
     kind = type(getattr(TrainConfig, key))
     if not isinstance(raw, dict):
@@ -306,7 +311,7 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
     """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read experiment file ({exc.strerror})") from None
     except UnicodeDecodeError:
