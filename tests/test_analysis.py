@@ -155,6 +155,9 @@ def test_confirm_trains_seeds_and_reports_intervals(sweep, tmp_path):
     assert "removed 3 model(s) an earlier confirmation left in" in rerun.stdout
     report = json.loads((tmp_path / "confirm" / "confirm.json").read_text())
     assert [Path(r["model_path"]).name for r in report["runs"]] == ["late-seed0.pt"]
+    # One seed has no spread: null, not NaN (which is not JSON).
+    assert report["designs"]["late"]["joint_acc"]["std"] is None
+    assert "NaN" not in (tmp_path / "confirm" / "confirm.json").read_text()
     assert sorted(p.name for p in (tmp_path / "confirm" / "models").iterdir()) == ["late-seed0.pt"]
     # A task bigger than the cluster would wait forever in Ray's queue.
     greedy = _cli(tmp_path, "confirm", str(both), "--seeds", "1", "--out", str(tmp_path / "greedy"),
@@ -190,7 +193,8 @@ def test_clear_errors_for_non_runs_and_empty_runs(tmp_path):
     missing = ["--data-dir", str(tmp_path / "no-data"), "--no-download", "--out", str(tmp_path / "confirm")]
     for args, message in ((["--no-ray"], "device: 'cuda:99', but this machine has"),
                           ([], "each run reserves no GPU; pass --gpus-per-task"),
-                          (["--gpus-per-task", "-1"], "--gpus-per-task -1: must be 0, a fraction")):
+                          (["--gpus-per-task", "-1"], "--gpus-per-task -1: must be 0, a fraction"),
+                          (["--no-ray", "--gpus-per-task", "0.5"], "--gpus-per-task 0.5: reserves GPUs for Ray tasks")):
         proc = _cli(tmp_path, "confirm", str(config), *missing, *args)
         assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "confirm").exists()

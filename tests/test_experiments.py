@@ -1,5 +1,6 @@
 """The experiment-file validator: every shipped file loads; every bad file gets one line naming the key."""
 
+import socket
 import subprocess
 import sys
 
@@ -54,7 +55,12 @@ BAD = [
     (_with(space__width={"int": ["8", 32]}), "space.width: expected an integer"),
     (_with(space__lr={"int": [1, 3]}), "space.lr: int distribution on a real-valued"),
     (_with(space__learning_rate=0.1), "space.learning_rate: unknown hyperparameter"),
-    (_with(space__epochs=3), "space.epochs: unknown hyperparameter (the harness sets it"),
+    (_with(space__epochs=3), "space.epochs: unknown hyperparameter (every trial trains for the top-level epochs"),
+    (_with(space__threads=4), "space.threads: unknown hyperparameter (the harness sets it from resources.cpu"),
+    (_with(space__weight_decay=float("nan")), "space.weight_decay: must be a finite number, got nan"),
+    (_with(space__lr={"loguniform": [1e-3, float("inf")]}), "space.lr: must be a finite number, got inf"),
+    (_with(space__lr={"choice": [1e-3, float("inf")]}), "space.lr: must be a finite number, got inf"),
+    (_with(resources__cpu=float("inf")), "resources.cpu: must be a finite number, got inf"),
     (_with(space__dropout={"uniform": [0.0, 1.5]}), "space.dropout: dropout"),
     (_with(space__optimizer={"choice": ["adamw", "adam"]}), "space.optimizer: optimizer: 'adam'"),
     (_with(space={"lr": 0.01}), "space.arch: required"),
@@ -160,8 +166,31 @@ def test_cli_missing_file_and_bad_flag(tmp_path):
     assert proc.returncode == 2 and "name:" in proc.stderr
 
 
+def test_cli_a_ray_address_where_nothing_answers_is_one_line_and_exit_2(tmp_path):
+    with socket.socket() as probe:  # a port nothing listens on once this closes
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for address, message in (("nonsense", "expected HOST:PORT of the head node"),
+                             (f"127.0.0.1:{port}", "nothing answers there")):
+        proc = _cli("sweep", str(REPO / "experiments/quick.yaml"), "--address", address,
+                    "--storage", str(tmp_path / "runs"))
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs" / "quick").exists(), "a rejected sweep left its run folder"
+
+
 def test_help_documents_every_flag():
     out = _cli("sweep", "--help").stdout
     for flag in ("--num-samples", "--max-concurrent", "--cpus-per-trial", "--gpus-per-trial", "--epochs",
                  "--storage", "--address", "--resume", "--name"):
         assert flag in out
+
+
+def test_exponents_without_a_dot_read_as_numbers(tmp_path):
+    # YAML 1.1 makes "1e-3" a string; users write it anyway.
+    path = tmp_path / "e.yaml"
+    path.write_text("name: e\nepochs: 2\nspace:\n  arch: late\n  lr: {loguniform: [1e-4, 1e-1]}\n"
+                    "  weight_decay: 5e-4\n")
+    experiment = load_experiment(path)
+    assert experiment.space["lr"].args == [1e-4, 1e-1]
+    assert experiment.space["weight_decay"].args == [5e-4]

@@ -276,3 +276,19 @@ def test_tpe_options_reach_the_optuna_sampler(tmp_path):
                             "searcher": {"type": "tpe", "multivariate": True, "constant_liar": True}})
     sampler = make_searcher(experiment, tmp_path).searcher._ot_study.sampler
     assert sampler._multivariate and sampler._constant_liar
+
+
+def test_leaderboard_ranks_full_budget_trials_above_early_stopped_ones():
+    from tune.config import from_dict
+    from tune.sweep import leaderboard, pick_best, rank_trials
+
+    trials = pd.DataFrame({"trial_id": ["stopped", "full-a", "full-b", "silent"],
+                           "val_joint_acc": [0.9, 0.6, 0.8, None], "epoch": [1, 3, 3, 0],
+                           "trial_status": ["stopped_early", "completed", "completed", "error"]})
+    ranked = rank_trials(trials, "val_joint_acc", "max", "trial_status", with_partial=True)
+    assert list(ranked["trial_id"]) == ["full-b", "full-a", "stopped"]
+    assert list(rank_trials(trials, "val_joint_acc", "max", "trial_status")["trial_id"]) == ["full-b", "full-a"]
+    experiment = from_dict({"name": "t", "epochs": 3, "space": {"arch": "late"}})
+    assert pick_best(trials, experiment)["trial_id"] == "full-b"
+    rows = leaderboard(trials, experiment).splitlines()[1:]
+    assert [row.split()[0] for row in rows] == ["full-b", "full-a", "stopped"]

@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="join an existing Ray cluster (default: $RAY_ADDRESS, else start Ray locally)")
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep in its run folder; "
                        "finished trials are kept, unfinished ones continue from their checkpoints")
-    sweep.add_argument("--quiet", action="store_true", help="no live progress table")
+    sweep.add_argument("--quiet", action="store_true", help="print only errors and warnings: no progress lines, "
+                       "leaderboard or summary (the run folder gets the same files)")
 
     analyze = commands.add_parser(
         "analyze", help="leaderboard, best configs, importances, plots and an HTML report of one or more sweeps",
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def analyze_command(args: argparse.Namespace) -> int:
     from . import analysis, report
+    from .sweep import rank_trials
 
     if args.top < 1:
         raise ConfigError(f"--top {args.top}: must be >= 1")
@@ -84,7 +86,8 @@ def analyze_command(args: argparse.Namespace) -> int:
     varied = [p for p in sweep.params if sweep.trials[p].nunique() > 1 or p == "arch"]
     columns = [c for c in ["run", "trial_id", "status", *varied, "epochs_run", f"last_{metric}",
                            f"best_{metric}", "wall_s"] if c in sweep.trials]
-    board = sweep.trials.sort_values(f"last_{metric}", ascending=sweep.mode == "min").head(args.top)[columns]
+    board = rank_trials(sweep.trials, f"last_{metric}", sweep.mode, "status", with_partial=True)
+    board = board.head(args.top)[columns]
     importances = sweep.importances(by=args.by)
     print(f"Leaderboard by final {metric} (validation), top {args.top} of {len(sweep.trials)}:")
     print(board.to_string(index=False, float_format=lambda v: f"{v:.4g}"))

@@ -34,12 +34,15 @@ def t975(df: int) -> float:
     return _T975[df - 1] if 1 <= df <= len(_T975) else 1.96
 
 
-def interval(values: list[float]) -> dict[str, float]:
-    """Mean, sample std and a 95% t-interval of the mean (NaN bounds for a single value)."""
+def interval(values: list[float]) -> dict[str, float | None]:
+    """Mean, sample std and a 95% t-interval of the mean; for a single value the std and the bounds
+    are None (null in JSON), since one seed says nothing about the spread."""
     n = len(values)
     mean = statistics.fmean(values)
-    std = statistics.stdev(values) if n > 1 else float("nan")
-    half = t975(n - 1) * std / math.sqrt(n) if n > 1 else float("nan")
+    if n < 2:
+        return {"n": n, "mean": mean, "std": None, "ci95_low": None, "ci95_high": None}
+    std = statistics.stdev(values)
+    half = t975(n - 1) * std / math.sqrt(n)
     return {"n": n, "mean": mean, "std": std, "ci95_low": mean - half, "ci95_high": mean + half}
 
 
@@ -116,11 +119,15 @@ def run_confirm(configs: list[dict[str, Any]], seeds: int, epochs: int | None, o
 
     Raises:
         ConfigError: ``cpus_per_task`` or ``gpus_per_task`` is more than a local Ray has (see
-            ``tune.sweep.check_capacity``), or a config asks for CUDA where its runs get no GPU.
+            ``tune.sweep.check_capacity``), no Ray cluster answers at ``$RAY_ADDRESS``, a config asks
+            for CUDA where its runs get no GPU, or ``gpus_per_task`` is given without Ray.
         ValueError: a bad training setting (named).
         DataError: the dataset is missing or damaged.
     """
     jobs = [{**c, "seed": seed, **({"epochs": epochs} if epochs else {})} for c in configs for seed in range(seeds)]
+    if not parallel and gpus_per_task:
+        raise ConfigError(f"--gpus-per-task {gpus_per_task:g}: reserves GPUs for Ray tasks; without Ray each run "
+                          "trains on its config's device (device: auto takes a GPU where there is one)")
     for job in jobs:  # fail before any training
         device = TrainConfig.from_dict(job).device
         if not parallel:
@@ -129,6 +136,12 @@ def run_confirm(configs: list[dict[str, Any]], seeds: int, epochs: int | None, o
             # Ray hides every GPU from a task that reserved none.
             raise ConfigError(f"device: {device!r}, but each run reserves no GPU; pass --gpus-per-task "
                               "(e.g. 1, or 0.25 to share one), or set device: auto")
+    if parallel:
+        from .sweep import ray_preflight
+
+        address = os.environ.get("RAY_ADDRESS")
+        asked = {"CPU": ("--cpus-per-task", cpus_per_task), "GPU": ("--gpus-per-task", gpus_per_task)}
+        own_ray = ray_preflight(address, asked, "run")
     data = load_data(data_dir, download=download, val_size=0)
     log(f"confirm: {len(jobs)} runs ({len(configs)} config(s) x {seeds} seeds) on {len(data.train)} training "
         f"images, scored once on {len(data.test)} test images")
@@ -138,14 +151,6 @@ def run_confirm(configs: list[dict[str, Any]], seeds: int, epochs: int | None, o
 
         from .sweep import check_capacity, start_ray
 
-        address = os.environ.get("RAY_ADDRESS")
-        asked = {"CPU": ("--cpus-per-task", cpus_per_task), "GPU": ("--gpus-per-task", gpus_per_task)}
-        own_ray = not ray.is_initialized()
-        if own_ray and not address:
-            import torch
-
-            # Before Ray's start-up banner.
-            check_capacity(asked, {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}, "run")
         if own_ray:
             start_ray(address)
         try:
@@ -177,19 +182,24 @@ def run_confirm(configs: list[dict[str, Any]], seeds: int, epochs: int | None, o
 
 
 def format_summary(report: dict[str, Any]) -> str:
-    """A plain-text table of the confirmation results."""
+    """A plain-text table of the confirmation results ("-" for a spread that one seed cannot give)."""
+    def spread(s: dict[str, Any], sign: str = "") -> str:
+        if s["std"] is None:
+            return "-"
+        return f"[{100 * s['ci95_low']:{sign}.2f}, {100 * s['ci95_high']:{sign}.2f}]"
+
     lines = [f"{'design':<8}{'metric':<11}{'mean':>8}{'std':>8}   95% interval   (n={report['seeds']} seeds, test set)"]
     for arch, stats in report["designs"].items():
         for metric, s in stats.items():
-            lines.append(f"{arch:<8}{metric:<11}{100 * s['mean']:7.2f}%{100 * s['std']:7.2f}   "
-                         f"[{100 * s['ci95_low']:.2f}, {100 * s['ci95_high']:.2f}]")
+            std = f"{100 * s['std']:7.2f}" if s["std"] is not None else f"{'-':>7}"
+            lines.append(f"{arch:<8}{metric:<11}{100 * s['mean']:7.2f}%{std}   {spread(s)}")
     if "difference" in report:
         d = report["difference"]
         for metric in TEST_METRICS:
             if metric in d:
                 s = d[metric]
                 lines.append(f"{d['of']:<19}{metric:<11}{100 * s['mean']:+7.2f} pts  95% interval "
-                             f"[{100 * s['ci95_low']:+.2f}, {100 * s['ci95_high']:+.2f}] (paired by seed)")
+                             f"{spread(s, '+')} (paired by seed)")
     for arch, seeds in report.get("diverged", {}).items():
         if seeds:
             lines.append(f"note: {arch} diverged with seed(s) {', '.join(map(str, seeds))}; each counts as 0 "

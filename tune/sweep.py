@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import posixpath
+import socket
 import sys
 import time
 import uuid
@@ -24,7 +25,7 @@ import pandas as pd
 import yaml
 
 from dualnet import load_data
-from dualnet.files import atomic_path, write_atomic
+from dualnet.files import atomic_path, load_yaml, write_atomic
 
 from .config import ConfigError, Experiment, from_dict
 
@@ -101,7 +102,7 @@ def _prepare_run_dir(experiment: Experiment, run_dir: Path, resume: bool) -> Non
             raise SweepError(f"--resume: {run_dir} holds no sweep ({EXPERIMENT_FILE} missing); "
                              f"run without --resume to start one")
         try:
-            previous = from_dict(yaml.safe_load(saved.read_text()))
+            previous = from_dict(load_yaml(saved.read_text()))
         except (ConfigError, yaml.YAMLError) as exc:
             raise SweepError(f"--resume: {saved} is unreadable ({exc})") from None
         if _identity(previous) != _identity(experiment):
@@ -220,18 +221,22 @@ def summarize(results, experiment: Experiment) -> pd.DataFrame:
     return frame
 
 
-def rank_trials(trials: pd.DataFrame, column: str, mode: str, status_column: str) -> pd.DataFrame:
-    """Trials that have a ``column`` value, best first: only those that ran the full budget
-    (``status_column`` is ``completed``) if there are any, else all of them.
+def rank_trials(trials: pd.DataFrame, column: str, mode: str, status_column: str,
+                with_partial: bool = False) -> pd.DataFrame:
+    """Trials that have a ``column`` value, best first: those that ran the full budget (``status_column``
+    is ``completed``), then, if ``with_partial`` or if none did, the others (say, stopped early).
 
     ``sweep`` ranks its summary by this and ``tune.analysis`` its loaded trials, so the two always
-    pick the same best trial.
+    pick the same best trial, and a leaderboard never puts a trial scored after one epoch above the
+    full-budget trial that ``best_config.yaml`` holds.
     """
     if column not in trials:  # no trial has reported yet
         return trials.iloc[:0]
-    scored = trials[trials[column].notna()]
+    scored = trials[trials[column].notna()].sort_values(column, ascending=mode == "min")
     full = scored[scored[status_column] == "completed"]
-    return (full if not full.empty else scored).sort_values(column, ascending=mode == "min")
+    if full.empty:
+        return scored
+    return pd.concat([full, scored[scored[status_column] != "completed"]]) if with_partial else full
 
 
 def pick_best(trials: pd.DataFrame, experiment: Experiment) -> pd.Series | None:
@@ -260,13 +265,14 @@ def write_config_file(path: Path, configs: list[dict[str, Any]], meta: dict[str,
 
 
 def leaderboard(trials: pd.DataFrame, experiment: Experiment, top: int = 5) -> str:
-    """A plain-text table of the ``top`` trials by final metric."""
+    """A plain-text table of the ``top`` trials by final metric, full-budget trials first (``rank_trials``)."""
     if trials.empty or experiment.metric not in trials:
         return "no trial reported a result"
     columns = ["trial_id", "config/arch", "config/lr", "config/width", "config/hidden", "epoch",
                "val_class_acc", "val_sum_acc", "val_joint_acc", "trial_status"]
     columns = [c for c in columns if c in trials]
-    ranked = trials.sort_values(experiment.metric, ascending=experiment.mode == "min").head(top)[columns]
+    ranked = rank_trials(trials, experiment.metric, experiment.mode, "trial_status", with_partial=True)
+    ranked = ranked.head(top)[columns]
     ranked = ranked.rename(columns=lambda c: c.removeprefix("config/"))
     return ranked.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
@@ -349,12 +355,66 @@ def _cut_off(trials: pd.DataFrame, run_dir: Path, experiment: Experiment) -> pd.
     return (trials["trial_status"] == "stopped_early") & ~trials["trial_id"].isin(pruned)
 
 
+def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds where Ray would retry for minutes: a ``HOST:PORT`` address that is malformed or
+    where nothing accepts a connection. ``auto``, ``local`` and ``ray://`` addresses are left to Ray.
+
+    Raises:
+        ConfigError: naming the address and what to do about it.
+    """
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():  # http://HEAD:8265 is for 'ray job submit'
+        raise ConfigError(f"Ray address {address!r} (--address or $RAY_ADDRESS): expected HOST:PORT of the head "
+                          f"node, as 'ray start --head' prints it (say 10.0.0.5:6379), or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(f"Ray address {address!r} (--address or $RAY_ADDRESS): nothing answers there "
+                          f"({exc.strerror or exc}); start the cluster with 'ray start --head', or fix the "
+                          f"address") from None
+
+
+def ray_preflight(address: str | None, asked: dict[str, tuple[str, float]], unit: str) -> bool:
+    """The checks that need no Ray: run before the data loads and Ray starts, so that a mistake costs
+    one line and no wait. Sweeps and ``tune confirm`` share them.
+
+    Returns:
+        True if this process has no Ray yet and must start one (or join ``address``) itself.
+
+    Raises:
+        ConfigError: a bad or silent ``address`` (``check_ray_address``), or, for a local Ray, more
+            than this machine has for one ``unit`` (``check_capacity``).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        check_ray_address(address)
+    else:
+        import torch
+
+        # A local Ray sees exactly these; checking now keeps the error to one line, before Ray's banner.
+        check_capacity(asked, {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}, unit)
+    return True
+
+
 def start_ray(address: str | None) -> None:
-    """Join the cluster at ``address``, or start a local Ray whose every port binds to 127.0.0.1."""
+    """Join the cluster at ``address``, or start a local Ray whose every port binds to 127.0.0.1.
+
+    Raises:
+        ConfigError: Ray could not join ``address``.
+    """
     import ray
 
     if address:
-        ray.init(address=address, logging_level="WARNING")
+        try:
+            ray.init(address=address, logging_level="WARNING")
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"Ray address {address!r} (--address or $RAY_ADDRESS): {reason}") from None
         return
     if LOCAL_ONLY_ENV not in os.environ:
         from ray._private import ray_constants
@@ -413,15 +473,10 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
         SweepError: bad storage or a wrong resume folder.
         DataError: the dataset is missing or damaged.
         ConfigError: ``data.val_size`` and ``data.train_subset`` ask for more images than the dataset has,
-            or one trial asks for more than a local Ray has.
+            one trial asks for more than a local Ray has, or no Ray cluster answers at ``address``.
     """
     storage_path, run_dir = run_location(experiment)
     _prepare_run_dir(experiment, run_dir, resume)
-    try:
-        data = load_data(experiment.data.dir, download=experiment.data.download, val_size=experiment.data.val_size,
-                         seed=experiment.data.seed, train_subset=experiment.data.train_subset)
-    except ValueError as exc:  # sizes that only the dataset's own size rules out
-        raise ConfigError(f"data: {exc}") from None
 
     # Ray reads these at import and Tuner creation; keep bookkeeping proportional to the concurrency.
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(experiment.max_concurrent))
@@ -441,12 +496,12 @@ def run_sweep(experiment: Experiment, address: str | None = None, resume: bool =
 
     started = time.perf_counter()
     asked = {"CPU": ("resources.cpu", experiment.resources.cpu), "GPU": ("resources.gpu", experiment.resources.gpu)}
-    own_ray = not ray.is_initialized()
-    if own_ray and not address:
-        # A local Ray sees exactly these; checking first keeps the error to one line, before Ray's banner.
-        import torch
-
-        check_capacity(asked, {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}, "trial")
+    own_ray = ray_preflight(address, asked, "trial")
+    try:
+        data = load_data(experiment.data.dir, download=experiment.data.download, val_size=experiment.data.val_size,
+                         seed=experiment.data.seed, train_subset=experiment.data.train_subset)
+    except ValueError as exc:  # sizes that only the dataset's own size rules out
+        raise ConfigError(f"data: {exc}") from None
     if own_ray:
         start_ray(address)
     try:
