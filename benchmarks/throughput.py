@@ -7,7 +7,9 @@ One run, same model and machine:
   fp32+cl    the same with channels_last
   bf16+cl    the same with bf16 autocast and channels_last; only where the device has native bf16
              (where ``dualnet.train.pick_precision`` resolves ``auto`` to bf16), since elsewhere PyTorch runs bf16 convolutions on a slow path
-plus the achieved GFLOP/s of each against this machine's measured fp32 and bf16 matmul peak. dualnet's
+plus the achieved GFLOP/s of each against this machine's measured fp32 and bf16 matmul peak, and a
+ceiling: the model's convolutions and batch norms, each timed by itself as the default runs it, take
+a time per step that no eager-PyTorch pipeline can go below (``layer_floor_ms``). dualnet's
 default (``precision: auto``, channels_last) is bf16+cl where the device has native bf16 and fp32+cl
 elsewhere; the table marks it.
 Each pipeline first runs a short warm-up of its own (the first batches pay for one-time kernel
@@ -113,6 +115,56 @@ def original_pipeline(data, config: TrainConfig, device: str) -> Callable[[], fl
     return epoch
 
 
+def layer_floor_ms(config: TrainConfig, device: str, precision: str, reps: int = 20) -> dict[str, float]:
+    """Time each convolution and batch norm of the model by itself, forward and backward, in channels_last
+    and ``precision`` (bf16 autocast or fp32).
+
+    These layers do the same work whatever feeds them, and eager PyTorch runs each as a kernel of its
+    own, so their sum is a floor under any eager pipeline's step on this model and machine, and
+    ``config.batch_size / floor`` a ceiling on its images/s. Each layer gets the input it saw in a
+    real forward pass (same dtype, same memory layout); only the first convolution, whose input is
+    the image, skips the input gradient, as in training.
+
+    Returns:
+        Milliseconds per step of each layer, median over ``reps``, keyed ``conv1``, ``bn1``, ...
+    """
+    model = build_model(config.arch, width=config.width, hidden=config.hidden, depth=config.depth).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    layers = [m for m in model.trunk if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d))]
+    inputs: dict[torch.nn.Module, torch.Tensor] = {}
+    hooks = [layer.register_forward_pre_hook(lambda layer, args: inputs.setdefault(layer, args[0].detach()))
+             for layer in layers]
+    images = torch.randint(0, 256, (config.batch_size, 28, 28), dtype=torch.uint8, device=device)
+    numbers = torch.randint(0, 10, (config.batch_size,), device=device)
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    with autocast:
+        model(images, numbers)
+    for hook in hooks:
+        hook.remove()
+
+    def sync() -> None:
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    times: dict[str, float] = {}
+    counts = {"conv": 0, "bn": 0}
+    for index, layer in enumerate(layers):
+        kind = "conv" if isinstance(layer, torch.nn.Conv2d) else "bn"
+        counts[kind] += 1
+        x = inputs[layer].clone().requires_grad_(index > 0)
+        per_rep = []
+        for rep in range(reps + 3):  # the first 3 pick kernels and warm caches
+            started = time.perf_counter()
+            with autocast:
+                out = layer(x)
+            out.backward(torch.ones_like(out))
+            sync()
+            if rep >= 3:
+                per_rep.append(1e3 * (time.perf_counter() - started))
+        times[f"{kind}{counts[kind]}"] = statistics.median(per_rep)
+    return times
+
+
 def _original_pipeline_process(connection, config: TrainConfig, threads: int, device: str) -> None:
     """Serve the original pipeline from its own process: one timed epoch per request.
 
@@ -207,6 +259,12 @@ def main() -> None:
         results[name] = {"images_per_s": statistics.median(per_round), "images_per_s_per_round": per_round,
                          "ratio_vs_original": statistics.median(ratios), "ratio_per_round": ratios,
                          "gflops": statistics.median(per_round) * flops / 1e9}
+    config = TrainConfig.from_dict(base)
+    layer_ms = layer_floor_ms(config, device, precision=default.split("+")[0])
+    floor_ms = sum(layer_ms.values())
+    ceiling_speed = config.batch_size * 1e3 / floor_ms
+    ceiling = {"ms_per_step_by_layer": layer_ms, "ms_per_step": floor_ms, "images_per_s": ceiling_speed,
+               "ratio_vs_original": ceiling_speed / results["original"]["images_per_s"]}
 
     if args.accuracy:
         for name, extra in ((name, variants[name]) for name in ("fp32", default)):
@@ -217,7 +275,8 @@ def main() -> None:
     report = {"command": " ".join(["python benchmarks/throughput.py", *sys.argv[1:]]),
               "machine": f"{machine()}, {torch.get_num_threads()} threads, {device}",
               "torch": torch.__version__, "arch": args.arch, "width": args.width, "default": default,
-              "training_mflop_per_image": flops / 1e6, "matmul_peak_gflops": peaks, "results": results}
+              "training_mflop_per_image": flops / 1e6, "matmul_peak_gflops": peaks, "results": results,
+              "convolutions_and_batch_norms": ceiling}
     print(f"{'pipeline':<20}{'images/s':>10}{'x original':>12}{'GFLOP/s':>10}{'val joint':>11}{'test joint':>11}")
     for name, row in results.items():
         label = f"{name} (default)" if name == default else name
@@ -227,6 +286,9 @@ def main() -> None:
               f"{val:>11}{test:>11}")
     print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s; "
           f"training costs {flops / 1e6:.1f} MFLOP per image")
+    print(f"the {default} convolutions and batch norms alone, each timed by itself: {floor_ms:.1f} ms per "
+          f"{config.batch_size}-image step, a ceiling of {ceiling['images_per_s']:,.0f} images/s "
+          f"({ceiling['ratio_vs_original']:.2f}x the original) for eager PyTorch on this model and machine")
     for name in variants:
         print(f"{name} vs original, per round: " + ", ".join(f"{r:.2f}x" for r in results[name]["ratio_per_round"]))
     write_report(args.out, report)

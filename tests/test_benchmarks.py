@@ -14,6 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import asha_replay  # noqa: E402
 import concurrency  # noqa: E402
 import sample_efficiency  # noqa: E402
+import throughput  # noqa: E402
+from dualnet.train import TrainConfig  # noqa: E402
 
 
 def report(timestamp: float, value: float) -> dict:
@@ -125,3 +127,12 @@ def test_asha_replay_stops_a_trial_that_ranks_below_the_rung():
     # worse stops after its first epoch (2); good takes its slot at epochs 4, 6 and 8
     assert asha_replay.replay(pool, "stop", "train_loss", [1], 3, [0.9], 100, Draws()) == [8]
     assert asha_replay.first_cut_keeps(pool, "train_loss", {0}) == 1
+
+
+def test_layer_floor_times_every_convolution_and_batch_norm_of_the_model():
+    for depth, layers in ((1, ["conv1", "bn1", "conv2", "bn2"]),
+                          (2, ["conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "conv4", "bn4"])):
+        config = TrainConfig.from_dict({"arch": "pixel", "width": 4, "depth": depth, "batch_size": 8})
+        times = throughput.layer_floor_ms(config, "cpu", precision="fp32", reps=2)
+        assert list(times) == layers
+        assert all(ms > 0 for ms in times.values())
