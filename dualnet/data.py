@@ -14,6 +14,7 @@ in torchvision's layout and then read by ``torchvision.datasets.FashionMNIST``.
 from __future__ import annotations
 
 import gzip
+import numbers
 import os
 import shutil
 import struct
@@ -22,6 +23,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .files import write_atomic
@@ -48,9 +50,14 @@ MAX_SEED = 2 ** 31
 
 
 def check_seed(name: str, seed: int) -> None:
-    """Raise ValueError, naming ``name``, unless ``seed`` lies in [0, ``MAX_SEED``)."""
-    if not 0 <= seed < MAX_SEED:
-        raise ValueError(f"{name}: must be in [0, {MAX_SEED}), got {seed}")
+    """Raise ValueError, naming ``name``, unless ``seed`` is an integer in [0, ``MAX_SEED``)."""
+    if not is_integer(seed) or not 0 <= seed < MAX_SEED:
+        raise ValueError(f"{name}: must be an integer in [0, {MAX_SEED}), got {seed!r}")
+
+
+def is_integer(value: object) -> bool:
+    """True for Python and numpy integers; False for bools, which Python counts as integers."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 class DataError(Exception):
@@ -189,7 +196,10 @@ class Split:
 
     @property
     def sums(self) -> torch.Tensor:
-        assert self.numbers is not None, "training numbers are drawn per epoch; use DualData.train_numbers"
+        """Labels plus numbers. Raises ValueError for the training split, whose numbers are drawn per epoch."""
+        if self.numbers is None:
+            raise ValueError("this split has no fixed numbers (the training split draws them each epoch, see "
+                             "DualData.train_numbers); score the validation or test split")
         return self.labels + self.numbers
 
     def __reduce__(self):
@@ -252,10 +262,16 @@ def make_data(train_images: torch.Tensor, train_labels: torch.Tensor,
         train_subset: keep only this many training images (quick runs); None keeps all.
 
     Raises:
-        ValueError: ``val_size`` or ``train_subset`` leaves no training images, or ``seed`` is
-            outside [0, 2**31).
+        ValueError: images that are not uint8 (N, 28, 28), labels that do not match them or lie
+            outside 0-9, ``val_size`` or ``train_subset`` not an integer or leaving no training
+            images, or ``seed`` outside [0, 2**31).
     """
     check_seed("data seed", seed)
+    for name, images, labels in (("train", train_images, train_labels), ("test", test_images, test_labels)):
+        _check_images_and_labels(name, images, labels)
+    for name, value in (("val_size", val_size), ("train_subset", train_subset)):
+        if value is not None and not is_integer(value):
+            raise ValueError(f"{name}={value!r} must be an integer")
     n = len(train_labels)
     if not 0 <= val_size < n:
         raise ValueError(f"val_size={val_size} must be between 0 (train on all images) and {n - 1}")
@@ -279,6 +295,21 @@ def make_data(train_images: torch.Tensor, train_labels: torch.Tensor,
         test=Split(test_images.contiguous(), test_labels.contiguous(), test_numbers),
         seed=seed,
     )
+
+
+def _check_images_and_labels(name: str, images: torch.Tensor, labels: torch.Tensor) -> None:
+    if not (torch.is_tensor(images) and images.dtype == torch.uint8 and images.dim() == 3
+            and tuple(images.shape[1:]) == (IMAGE_SIZE, IMAGE_SIZE)):
+        got = f"{images.dtype} {tuple(images.shape)}" if torch.is_tensor(images) else type(images).__name__
+        raise ValueError(f"{name} images must be a uint8 tensor of shape (N, 28, 28) with values 0-255, got {got}")
+    if not (torch.is_tensor(labels) and labels.dim() == 1 and not labels.is_floating_point()
+            and labels.dtype != torch.bool):
+        got = f"{labels.dtype} {tuple(labels.shape)}" if torch.is_tensor(labels) else type(labels).__name__
+        raise ValueError(f"{name} labels must be a 1-d integer tensor, got {got}")
+    if len(labels) != len(images):
+        raise ValueError(f"{name}: {len(images)} images but {len(labels)} labels")
+    if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise ValueError(f"{name} labels must lie in 0..{NUM_CLASSES - 1}, got {int(labels.min())}..{int(labels.max())}")
 
 
 def load_data(data_dir: str | os.PathLike | None = None, download: bool = True, val_size: int = 10_000,

@@ -18,7 +18,12 @@ def evaluate(model: torch.nn.Module, split: Split, batch_size: int = EVAL_BATCH)
         ``loss`` (mean CE(class) + CE(sum)), ``class_acc``, ``sum_acc``, ``joint_acc``
         (fractions in [0, 1]) and the integer counts ``class_correct``,
         ``sum_correct``, ``joint_correct`` and ``n``.
+
+    Raises:
+        ValueError: the split is empty, or has no fixed numbers (the training split).
     """
+    if len(split) == 0:
+        raise ValueError("cannot score an empty split (val_size=0 holds out no validation images)")
     was_training = model.training
     model.eval()
     loss = torch.zeros((), device=split.labels.device)

@@ -7,6 +7,7 @@ so a saved model needs nothing else from its user.
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import BinaryIO, Callable
 
@@ -16,7 +17,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .files import atomic_path
-from .data import IMAGE_SIZE, NUM_CLASSES, NUM_NUMBERS, NUM_SUMS
+from .data import IMAGE_SIZE, NUM_CLASSES, NUM_NUMBERS, NUM_SUMS, is_integer
 
 # Fashion-MNIST training-set pixel statistics on the [0, 1] scale.
 PIXEL_MEAN, PIXEL_STD = 0.2860, 0.3530
@@ -57,10 +58,10 @@ class DualNet(nn.Module):
     def __init__(self, width: int = 16, hidden: int = 256, dropout: float = 0.0, depth: int = 2):
         super().__init__()
         for name, value, low in (("width", width, 1), ("hidden", hidden, 1), ("depth", depth, 1)):
-            if int(value) != value or value < low:
+            if not is_integer(value) or value < low:
                 raise ValueError(f"{name}={value!r} must be an integer >= {low}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
+        if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout!r} must be a number in [0, 1)")
         self.hparams = {"width": int(width), "hidden": int(hidden), "dropout": float(dropout), "depth": int(depth)}
         self.trunk = nn.Sequential(*_stage(1, width, depth), *_stage(width, 2 * width, depth), nn.Flatten())
         features = 2 * width * (IMAGE_SIZE // 4) ** 2
@@ -98,8 +99,10 @@ class DualNet(nn.Module):
             ``(class_pred, sum_pred)``: int64 tensors of shape (N,) on the CPU.
 
         Raises:
-            ValueError: wrong shapes, dtype or number range.
+            ValueError: wrong shapes, dtype or number range, or ``batch_size`` below 1.
         """
+        if not is_integer(batch_size) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
         images = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
         numbers = torch.as_tensor(np.asarray(numbers) if not torch.is_tensor(numbers) else numbers)
         if numbers.is_floating_point() or numbers.is_complex() or numbers.dtype == torch.bool:
@@ -171,7 +174,15 @@ def build_model(arch: str, width: int = 16, hidden: int = 256, dropout: float = 
 
 def save_model(model: DualNet, path: str | os.PathLike | BinaryIO, extra: dict | None = None) -> None:
     """Write the model's design, sizes and weights to ``path`` atomically (temp file + rename),
-    or into an open binary file."""
+    or into an open binary file.
+
+    ``extra`` is kept beside the weights (say, the training config and history).
+
+    Raises:
+        ValueError: ``extra`` holds something other than plain data (dicts, lists, tuples, str, int,
+            float, bool, None), which ``load_model``'s safe loading would refuse.
+    """
+    _check_plain_data(extra or {}, "extra")
     payload = {"format": SAVE_FORMAT, "arch": model.arch, "hparams": model.hparams,
                "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                "extra": extra or {}}
@@ -180,6 +191,20 @@ def save_model(model: DualNet, path: str | os.PathLike | BinaryIO, extra: dict |
         return
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+
+
+def _check_plain_data(value: object, where: str) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if type(key) not in (str, int):
+                raise ValueError(f"{where}: key {key!r} is not a string or an integer")
+            _check_plain_data(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_plain_data(item, f"{where}[{index}]")
+    elif not (value is None or type(value) in (str, bool, int, float)):  # not subclasses such as numpy.float64
+        raise ValueError(f"{where} is a {type(value).__name__}; save_model keeps only plain data (dict, list, str, "
+                         f"int, float, bool, None), which load_model can read back safely")
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> DualNet:
@@ -200,6 +225,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> D
         raise ValueError(f"{path} is not a readable dualnet model: {exc}") from None
     if not isinstance(payload, dict) or payload.get("format") != SAVE_FORMAT:
         raise ValueError(f"{path} is not a dualnet model file (format {SAVE_FORMAT})")
-    model = build_model(payload["arch"], **payload["hparams"])
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model = build_model(payload["arch"], **payload["hparams"])
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: torch's shape mismatch
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path} is a damaged dualnet model file ({type(exc).__name__}: {reason})") from None
     return model.to(device).eval()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import math
+import numbers
 import os
 import re
 import time
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -72,27 +74,26 @@ class TrainConfig:
             raise ValueError(f"unknown training setting {unknown[0]!r}; known: {', '.join(known)}")
         converted = {}
         for key, value in values.items():
+            # Numbers convert where nothing is lost: 64.0 and numpy's int64(64) to 64, an int to a float.
             kind = type(getattr(cls, key))
-            if kind is bool:
-                ok = isinstance(value, bool)
-            elif kind is int:
-                ok = isinstance(value, int) and not isinstance(value, bool) or \
-                    isinstance(value, float) and value.is_integer()
-            elif kind is float:
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-                if ok and not math.isfinite(value):
-                    raise ValueError(f"{key}: must be a finite number, got {value!r}")
-            else:
-                ok = isinstance(value, str)
-            if not ok:
-                raise ValueError(f"{key}: expected {kind.__name__}, got {value!r}")
-            converted[key] = kind(value)
+            if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+                if kind is int and float(value).is_integer():
+                    value = int(value)
+                elif kind is float:
+                    value = float(value)
+            converted[key] = value
         config = cls(**converted)
         config.validate()
         return config
 
     def validate(self) -> None:
-        """Raise ValueError naming the first setting that is out of range."""
+        """Raise ValueError naming the first setting of the wrong type or out of range."""
+        for f in fields(self):
+            value, kind = getattr(self, f.name), type(f.default)
+            if type(value) is not kind:  # exactly: a bool is not an int here, nor a str a bool
+                raise ValueError(f"{f.name}: expected {kind.__name__}, got {value!r}")
+            if kind is float and not math.isfinite(value):
+                raise ValueError(f"{f.name}: must be a finite number, got {value!r}")
         choices = {"arch": tuple(ARCHS), "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
                    "precision": PRECISIONS}
         for key, allowed in choices.items():
@@ -350,15 +351,16 @@ def fit(config: TrainConfig | dict[str, Any], data: DualData,
         diverged = not math.isfinite(train_loss)
         if diverged:
             status = "diverged"
+        if not len(val):  # no validation split: a confirmation run on all training images
+            scores = {}
+        elif diverged:
             # The worst score on every metric, never NaN: Optuna refuses NaN, so a diverged trial would
             # otherwise be lost from the study instead of teaching the searcher to avoid its region.
             scores = {"loss": float("inf"), "class_acc": 0.0, "sum_acc": 0.0, "joint_acc": 0.0,
                       "class_correct": 0, "sum_correct": 0, "joint_correct": 0, "n": len(val)}
-        elif len(val):
+        else:
             with _autocast(precision, device):
                 scores = evaluate(model, val)
-        else:  # no validation split: a confirmation run on all training images
-            scores = {}
         metrics = {"epoch": epoch + 1, "train_loss": train_loss,
                    **{f"val_{k}": v for k, v in scores.items()},
                    "epoch_s": time.perf_counter() - started, "images_per_s": len(train) / train_s,

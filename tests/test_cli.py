@@ -68,11 +68,11 @@ def test_bad_flags_and_config_give_one_line_exit_2(tmp_path):
                           (["--config", str(twice)], "2 configs for the 'late' design"),
                           (["--config", str(tmp_path / "absent.yaml")], "absent.yaml: cannot read config file"),
                           (["--config", str(binary)], "binary.pt: not a YAML text file"),
-                          (["--seed", "3000000000000000"], "seed: must be in"),
+                          (["--seed", "3000000000000000"], "seed: must be an integer in"),
                           (["--threads", "100000"], "threads: at most 1024"),
                           (["--weight-decay", "nan"], "weight_decay: must be a finite number, got nan"),
                           (["--lr", "inf"], "lr: must be a finite number, got inf"),
-                          (["--data-seed", "-1"], "data seed: must be in"),
+                          (["--data-seed", "-1"], "data seed: must be an integer in"),
                           (["--save", str(tmp_path)], "is a folder"),
                           (["--device", "cudax"], "cuda[:N]"), (["--device", "cuda:7"], "CUDA device(s)")):
         proc = _train(tmp_path, *args, "--data-dir", str(tmp_path / "idx"), "--val-size", "100")

@@ -122,6 +122,34 @@ def test_subset_and_bad_sizes():
         make_data(*_tensors(), val_size=5000)
     with pytest.raises(ValueError, match="train_subset"):
         make_data(*_tensors(), val_size=300, train_subset=10**6)
+    for bad in ({"val_size": 2.5}, {"val_size": True}, {"train_subset": "500"}, {"seed": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            make_data(*_tensors(), **bad)
+
+
+def test_images_and_labels_are_checked_before_use():
+    train_images, train_labels, test_images, test_labels = _tensors()
+    for args, message in (((train_images.float() / 255, train_labels, test_images, test_labels),
+                           "train images must be a uint8 tensor of shape"),
+                          ((train_images, train_labels, test_images.reshape(-1, 784), test_labels),
+                           "test images must be a uint8 tensor of shape"),
+                          ((train_images, train_labels, test_images, test_labels[:50]), "test: 400 images but 50 labels"),
+                          ((train_images, train_labels + 10, test_images, test_labels), "train labels must lie in 0..9"),
+                          ((train_images, train_labels.float(), test_images, test_labels), "1-d integer tensor")):
+        with pytest.raises(ValueError, match=message):
+            make_data(*args, val_size=300)
+
+
+def test_only_a_split_with_fixed_numbers_can_be_scored():
+    from dualnet import build_model, evaluate_split
+
+    data = make_data(*_tensors(), val_size=0)
+    model = build_model("late", width=4, hidden=16)
+    with pytest.raises(ValueError, match="cannot score an empty split"):
+        evaluate_split(model, data.val)
+    with pytest.raises(ValueError, match="the training split draws them each epoch"):
+        evaluate_split(model, data.train)
+    assert evaluate_split(model, data.test)["n"] == 400
 
 
 def test_pixel_overlap_fraction_counts_ink_in_the_last_ten_pixels():

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -78,6 +79,9 @@ def test_predict_rejects_bad_input():
         model.predict(images, numbers.float() + 0.5)
     with pytest.raises(ValueError, match="one number"):
         model.predict(images[0], numbers[:2])
+    for batch_size in (0, -1):  # -1 returned nothing at all
+        with pytest.raises(ValueError, match=f"batch_size={batch_size} must be an integer >= 1"):
+            model.predict(images, numbers, batch_size=batch_size)
 
 
 def test_a_failed_save_leaves_no_temporary_file(tmp_path):
@@ -128,3 +132,31 @@ def test_load_model_never_unpickles_code(tmp_path, capsys):
     with pytest.raises(ValueError, match="not a readable dualnet model"):
         load_model(tmp_path / "evil.pt")
     assert "code ran during load" not in capsys.readouterr().out
+
+
+def test_save_model_refuses_extra_data_that_load_model_could_not_read(tmp_path):
+    model = build_model("late", width=4, hidden=16)
+    for extra, where in (({"history": [{"acc": np.float64(0.5)}]}, r"extra\['history'\]\[0\]\['acc'\] is a float64"),
+                         ({"weights": np.zeros(3)}, r"extra\['weights'\] is a ndarray")):
+        with pytest.raises(ValueError, match=where):
+            save_model(model, tmp_path / "m.pt", extra=extra)
+        assert not list(tmp_path.iterdir())
+    save_model(model, tmp_path / "m.pt", extra={"history": [{"acc": 0.5, "note": None}], "seeds": (0, 1)})
+    assert load_model(tmp_path / "m.pt").hparams == model.hparams
+
+
+def test_load_model_calls_a_damaged_file_damaged(tmp_path):
+    model = build_model("late", width=4, hidden=16)
+    save_model(model, tmp_path / "m.pt")
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    for damage in ({"hparams": None}, {"state_dict": {}}, {"hparams": {**payload["hparams"], "width": 8}}):
+        torch.save({**payload, **damage}, tmp_path / "bad.pt")
+        with pytest.raises(ValueError, match="is a damaged dualnet model file"):
+            load_model(tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize("bad", [{"width": True}, {"width": float("inf")}, {"depth": float("nan")},
+                                 {"dropout": "0.1"}])
+def test_sizes_of_the_wrong_type_name_the_setting(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        build_model("late", **bad)

@@ -3,10 +3,12 @@ import platform
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from dualnet import TrainConfig, evaluate_split, fit, load_model, save_model
+from dualnet.data import DualData, Split
 from dualnet.train import native_bf16, pick_precision
 
 FAST = dict(width=8, hidden=256, epochs=6, lr=5e-3, batch_size=32, threads=2)
@@ -139,16 +141,36 @@ def test_divergence_stops_with_status_and_zero_metric(synthetic_data):
     assert seen[-1].metrics["val_joint_acc"] == 0.0 and seen[-1].metrics["status"] == "diverged"
     # Not NaN, which Optuna refuses: a search on val_loss would lose the trial.
     assert seen[-1].metrics["val_loss"] == float("inf")
+    # Without a validation split there is nothing to score, diverged or not.
+    val = synthetic_data.val
+    no_val = DualData(synthetic_data.train, Split(val.images[:0], val.labels[:0], val.numbers[:0]),
+                      synthetic_data.test, synthetic_data.seed)
+    result = fit({**FAST, "epochs": 1, "optimizer": "sgd", "lr": 1e6, "schedule": "constant"}, no_val)
+    assert result.status == "diverged" and not any(k.startswith("val_") for k in result.history[-1])
 
 
 @pytest.mark.parametrize("bad,key", [({"lr": -1}, "lr"), ({"optimizer": "adam"}, "optimizer"),
                                      ({"epochs": "ten"}, "epochs"), ({"learning_rate": 0.1}, "learning_rate"),
                                      ({"arch": "early"}, "arch"), ({"dropout": 1.5}, "dropout"),
                                      ({"channels_last": "yes"}, "channels_last"), ({"seed": -1}, "seed"),
-                                     ({"seed": 2 ** 31}, "seed"), ({True: 1, "foo": 2}, "True")])
+                                     ({"seed": 2 ** 31}, "seed"), ({True: 1, "foo": 2}, "True"),
+                                     ({"lr": "0.1"}, "lr"), ({"dropout": None}, "dropout"),
+                                     ({"epochs": True}, "epochs"), ({"seed": 1.5}, "seed"),
+                                     ({"weight_decay": float("nan")}, "weight_decay"),
+                                     ({"threads": 100_000}, "threads")])
 def test_config_errors_name_the_key(bad, key):
     with pytest.raises(ValueError, match=key):
         TrainConfig.from_dict(bad)
+
+
+def test_a_config_built_directly_is_type_checked_and_numbers_convert_without_loss():
+    with pytest.raises(ValueError, match="channels_last: expected bool, got 'no'"):
+        TrainConfig(channels_last="no").validate()  # a truthy string would have trained channels_last
+    config = TrainConfig.from_dict({"batch_size": 64.0, "epochs": np.int64(3), "lr": np.float64(0.01), "hidden": 7})
+    assert (config.batch_size, config.epochs, config.lr) == (64, 3, 0.01)
+    assert type(config.batch_size) is int and type(config.epochs) is int and type(config.lr) is float
+    with pytest.raises(ValueError, match="batch_size: expected int, got 64.5"):
+        TrainConfig.from_dict({"batch_size": 64.5})
 
 
 # Page faults per training step in a fresh process: fp32, width 16, batch 128, 2 threads, the fewest
