@@ -59,6 +59,16 @@ def test_best_overall_and_per_design(sweep):
     per_arch = loaded.best(by="arch")
     assert set(per_arch["arch"]) == set(loaded.trials["arch"])  # with or without a full-budget trial
     assert per_arch["arch"].is_unique
+    # Nonsense is refused, not answered with an empty frame or pandas' head(-1).
+    for kwargs, message in (({"metric": "train_loss"}, "not a validation metric"), ({"top": -1}, "top=-1"),
+                            ({"by": "bogus"}, "--by bogus: no such column")):
+        with pytest.raises(analysis.AnalysisError, match=message):
+            loaded.best(**kwargs)
+    with pytest.raises(analysis.AnalysisError, match="--by bogus: no such column"):
+        loaded.importances(by="bogus")
+    for run_dirs, message in (([], "no run folder given"), ([sweep[0], sweep[0]], "is already loaded")):
+        with pytest.raises(analysis.AnalysisError, match=message):
+            analysis.load(run_dirs)
 
 
 def test_a_design_asha_always_stopped_early_keeps_its_best_config(sweep):

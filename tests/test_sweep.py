@@ -292,3 +292,13 @@ def test_leaderboard_ranks_full_budget_trials_above_early_stopped_ones():
     assert pick_best(trials, experiment)["trial_id"] == "full-b"
     rows = leaderboard(trials, experiment).splitlines()[1:]
     assert [row.split()[0] for row in rows] == ["full-b", "full-a", "stopped"]
+
+
+def test_tied_trials_rank_the_same_whatever_order_they_were_read_in():
+    from tune.sweep import rank_trials
+
+    trials = pd.DataFrame({"trial_id": ["b2", "a1", "c3"], "val_joint_acc": [0.5, 0.5, 0.4],
+                           "trial_status": ["completed"] * 3})
+    for order in ([0, 1, 2], [1, 0, 2], [2, 1, 0]):
+        ranked = rank_trials(trials.iloc[order], "val_joint_acc", "max", "trial_status")
+        assert list(ranked["trial_id"]) == ["a1", "b2", "c3"]

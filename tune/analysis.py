@@ -46,7 +46,10 @@ def _read_experiment(run_dir: Path) -> Experiment:
 def _study_states(run_dir: Path, name: str) -> dict[str, optuna.trial.FrozenTrial]:
     if not (run_dir / STUDY_FILE).is_file():
         return {}
-    study = optuna.load_study(study_name=name, storage=study_storage(run_dir))
+    try:
+        study = optuna.load_study(study_name=name, storage=study_storage(run_dir))
+    except KeyError:  # the sweep has created the journal file but not yet the study in it
+        return {}
     return {t.user_attrs["ray_trial_id"]: t for t in study.get_trials(deepcopy=False) if "ray_trial_id" in t.user_attrs}
 
 
@@ -92,9 +95,15 @@ class Sweep:
             A DataFrame of ``top`` rows (per group when ``by`` is given), best first.
 
         Raises:
-            AnalysisError: ``by`` is not a column of the trials.
+            AnalysisError: ``metric`` is not a reported validation metric, ``by`` is not a column of the
+                trials, or ``top`` is below 1.
         """
         metric = metric or self.metric
+        if metric not in METRICS:
+            raise AnalysisError(f"metric {metric!r}: not a validation metric the trials report; use one of "
+                                f"{', '.join(METRICS)}")
+        if top < 1:
+            raise AnalysisError(f"top={top}: must be >= 1")
         column = f"last_{metric}"
         if by is None:
             return rank_trials(self.trials, column, metric_mode(metric), "status").head(top).reset_index(drop=True)
@@ -116,7 +125,12 @@ class Sweep:
         Returns:
             Columns ``group`` ("all" or a ``by`` value), ``param``, ``importance``; each group sums to 1.
             Groups with fewer than 3 full-budget trials, or nothing varied, are left out.
+
+        Raises:
+            AnalysisError: ``by`` is not a column of the trials.
         """
+        if by is not None and by not in self.trials:
+            raise AnalysisError(f"--by {by}: no such column; try one of {', '.join(self.params)}")
         full = self.trials[self.trials["status"] == "completed"]
         searched = [p for p in self.params if full[p].nunique() > 1] if not full.empty else []
         groups = [("all", full)] if by is None else [(str(k), g) for k, g in full.groupby(by)]
@@ -202,12 +216,18 @@ def load(run_dirs: str | Path | Iterable[str | Path]) -> Sweep:
     """Load one run folder, or several (then every row carries its ``run`` name).
 
     Raises:
-        AnalysisError: a folder that is not a run folder, or runs with no trial yet.
+        AnalysisError: no folder, a folder that is not a run folder, two runs of the same name (their
+            rows could not be told apart), or runs with no trial yet.
     """
     dirs = [Path(run_dirs)] if isinstance(run_dirs, (str, Path)) else [Path(d) for d in run_dirs]
+    if not dirs:
+        raise AnalysisError("no run folder given; pass the folder that 'python -m tune sweep' printed")
     experiments, trial_frames, history_frames = {}, [], []
     for run_dir in dirs:
         experiment, trials, history = _load_one(run_dir)
+        if experiment.name in experiments:
+            raise AnalysisError(f"{run_dir}: a run named {experiment.name!r} is already loaded (the same folder "
+                                f"twice, or two storages); analyze them one at a time")
         if len(dirs) > 1:
             trials.insert(0, "run", experiment.name)
             if not history.empty:

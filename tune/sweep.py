@@ -228,11 +228,12 @@ def rank_trials(trials: pd.DataFrame, column: str, mode: str, status_column: str
 
     ``sweep`` ranks its summary by this and ``tune.analysis`` its loaded trials, so the two always
     pick the same best trial, and a leaderboard never puts a trial scored after one epoch above the
-    full-budget trial that ``best_config.yaml`` holds.
+    full-budget trial that ``best_config.yaml`` holds. Ties go to the smaller ``trial_id``: the two
+    read their trials in different orders, so the order of the rows must not decide.
     """
     if column not in trials:  # no trial has reported yet
         return trials.iloc[:0]
-    scored = trials[trials[column].notna()].sort_values(column, ascending=mode == "min")
+    scored = trials[trials[column].notna()].sort_values([column, "trial_id"], ascending=[mode == "min", True])
     full = scored[scored[status_column] == "completed"]
     if full.empty:
         return scored
