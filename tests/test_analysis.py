@@ -1,6 +1,7 @@
 """Analysis of the session's tiny sweep: DataFrames, statuses, importances, plots, report, export, confirmation."""
 
 import json
+import shutil
 import struct
 import subprocess
 import sys
@@ -45,10 +46,24 @@ def test_trials_and_history_frames(sweep):
     assert {"train_loss", "val_joint_acc", "epoch_s", "images_per_s"} <= set(history.columns)
 
 
-def test_several_runs_carry_their_name(sweep):
+def test_several_runs_carry_their_name(sweep, tmp_path):
+    import optuna
+
+    from tune.sweep import EXPERIMENT_FILE, STUDY_FILE, quiet_optuna, study_storage
+
+    # A second run: the session's sweep copied under another name, its study copied to that name.
     run_dir, _ = sweep
-    both = analysis.load([run_dir, run_dir])
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns(STUDY_FILE))
+    experiment = yaml.safe_load((run_dir / EXPERIMENT_FILE).read_text())
+    (other / EXPERIMENT_FILE).write_text(yaml.safe_dump({**experiment, "name": "other"}))
+    with quiet_optuna():
+        optuna.copy_study(from_study_name=experiment["name"], from_storage=study_storage(run_dir),
+                          to_storage=study_storage(other), to_study_name="other")
+    both = analysis.load([run_dir, other])
     assert list(both.trials.columns[:1]) == ["run"] and len(both.trials) == 16
+    statuses = {name: sorted(group["status"]) for name, group in both.trials.groupby("run")}
+    assert statuses["other"] == statuses[experiment["name"]]  # the copy reads its own study, as the original
 
 
 def test_best_overall_and_per_design(sweep):
