@@ -60,6 +60,11 @@ def is_integer(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
+def is_real(value: object) -> bool:
+    """True for Python and numpy real numbers, integers included; False for bools."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 class DataError(Exception):
     """The dataset could not be found or is damaged; the message says how to fix it."""
 

@@ -7,7 +7,6 @@ so a saved model needs nothing else from its user.
 
 from __future__ import annotations
 
-import numbers
 import os
 from typing import BinaryIO, Callable
 
@@ -17,7 +16,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .files import atomic_path
-from .data import IMAGE_SIZE, NUM_CLASSES, NUM_NUMBERS, NUM_SUMS, is_integer
+from .data import IMAGE_SIZE, NUM_CLASSES, NUM_NUMBERS, NUM_SUMS, is_integer, is_real
 
 # Fashion-MNIST training-set pixel statistics on the [0, 1] scale.
 PIXEL_MEAN, PIXEL_STD = 0.2860, 0.3530
@@ -60,7 +59,7 @@ class DualNet(nn.Module):
         for name, value, low in (("width", width, 1), ("hidden", hidden, 1), ("depth", depth, 1)):
             if not is_integer(value) or value < low:
                 raise ValueError(f"{name}={value!r} must be an integer >= {low}")
-        if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        if not is_real(dropout) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout!r} must be a number in [0, 1)")
         self.hparams = {"width": int(width), "hidden": int(hidden), "dropout": float(dropout), "depth": int(depth)}
         self.trunk = nn.Sequential(*_stage(1, width, depth), *_stage(width, 2 * width, depth), nn.Flatten())

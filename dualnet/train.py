@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import ctypes
 import math
-import numbers
 import os
 import re
 import time
@@ -20,11 +19,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import DualData, Split, check_seed
+from .data import DualData, Split, check_seed, is_real
 from .files import load_yaml
 from .metrics import evaluate
 from .models import ARCHS, DualNet, build_model
@@ -76,7 +74,7 @@ class TrainConfig:
         for key, value in values.items():
             # Numbers convert where nothing is lost: 64.0 and numpy's int64(64) to 64, an int to a float.
             kind = type(getattr(cls, key))
-            if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+            if is_real(value):
                 if kind is int and float(value).is_integer():
                     value = int(value)
                 elif kind is float:
