@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import struct
+import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +61,32 @@ def _private_cache(tmp_path, monkeypatch):
     """Every test gets its own dualnet cache and no inherited data folder."""
     monkeypatch.setenv("DUALNET_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("DUALNET_DATA_DIR", raising=False)
+
+
+@pytest.fixture
+def cli_in_process(capsys, monkeypatch):
+    """Run a CLI's ``main`` in this process and return what ``subprocess.run`` would, for the tests of
+    refusals: a fresh interpreter spends 3-4 s importing torch and Ray, and a refusal needs nothing it gives.
+
+    Warnings raised during the call are appended to stderr as the CLI would print them, so a refusal that
+    also warns still fails a one-line check. The tests that run work keep a real subprocess.
+    """
+    monkeypatch.setenv("RAY_ADDRESS", "")
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # the dualnet CLI sets its own
+
+    def run(main, *argv: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                code = main(list(argv))
+            except SystemExit as exc:  # argparse's usage errors
+                code = exc.code
+        shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in caught)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(list(argv), code, out, err + shown)
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import ray
 import yaml
 
 from dualnet import load_data, load_model
@@ -191,27 +192,29 @@ def test_confirm_trains_seeds_and_reports_intervals(sweep, tmp_path):
     assert greedy.stderr.count("\n") == 1 and not (tmp_path / "greedy" / "confirm.json").exists()
 
 
-def test_clear_errors_for_non_runs_and_empty_runs(tmp_path):
-    proc = _cli(tmp_path, "analyze", str(tmp_path))
+def test_clear_errors_for_non_runs_and_empty_runs(tmp_path, cli_in_process):
+    from tune.__main__ import main
+
+    proc = _cli(tmp_path, "analyze", str(tmp_path))  # the rest in this process, which skips its start-up
     assert proc.returncode == 2 and "is not a sweep run folder" in proc.stderr and proc.stderr.count("\n") == 1
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "experiment.yaml").write_text(yaml.safe_dump({"name": "empty", "space": {"arch": "late"}}))
-    proc = _cli(tmp_path, "analyze", str(empty))
+    proc = cli_in_process(main, "analyze", str(empty))
     assert proc.returncode == 2 and "has no trials yet" in proc.stderr and proc.stderr.count("\n") == 1
-    proc = _cli(tmp_path, "best", str(empty), "-o", str(tmp_path / "x.yaml"))
+    proc = cli_in_process(main, "best", str(empty), "-o", str(tmp_path / "x.yaml"))
     assert proc.returncode == 2 and not (tmp_path / "x.yaml").exists()
     (empty / "experiment.yaml").write_text(yaml.safe_dump({"name": "empty", "space": {"arch": "late"},
                                                            "storage": "s3://bucket/sweeps"}))
-    proc = _cli(tmp_path, "analyze", str(empty), "--top", "3")
+    proc = cli_in_process(main, "analyze", str(empty), "--top", "3")
     assert proc.returncode == 2 and "trial folders are in s3://bucket/sweeps/empty; copy that folder here" \
         in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
-    proc = _cli(tmp_path, "analyze", str(empty), "--top", "-3")
+    proc = cli_in_process(main, "analyze", str(empty), "--top", "-3")
     assert proc.returncode == 2 and "--top -3: must be >= 1" in proc.stderr
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"arch": "late"}))
     for flag in ("--seeds", "--epochs", "--cpus-per-task"):
-        proc = _cli(tmp_path, "confirm", str(config), flag, "0", "--out", str(tmp_path / "confirm"))
+        proc = cli_in_process(main, "confirm", str(config), flag, "0", "--out", str(tmp_path / "confirm"))
         assert proc.returncode == 2 and f"{flag} 0: must be >= 1" in proc.stderr and proc.stderr.count("\n") == 1
     # Settings only this machine or Ray rules out fail before any data is read (there is none here).
     config.write_text(yaml.safe_dump({"arch": "late", "device": "cuda:99"}))
@@ -220,9 +223,10 @@ def test_clear_errors_for_non_runs_and_empty_runs(tmp_path):
                           ([], "each run reserves no GPU; pass --gpus-per-task"),
                           (["--gpus-per-task", "-1"], "--gpus-per-task -1: must be 0, a fraction"),
                           (["--no-ray", "--gpus-per-task", "0.5"], "--gpus-per-task 0.5: reserves GPUs for Ray tasks")):
-        proc = _cli(tmp_path, "confirm", str(config), *missing, *args)
+        proc = cli_in_process(main, "confirm", str(config), *missing, *args)
         assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "confirm").exists()
+    assert not ray.is_initialized(), "a refused confirm started Ray"
 
 
 def test_confirm_summary_names_diverged_seeds_it_counted_as_zero():

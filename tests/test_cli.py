@@ -55,7 +55,9 @@ def test_train_accepts_a_config_file_and_flags_override_it(tmp_path):
     assert sum(line.startswith("[late] epoch  1/1") for line in proc.stdout.splitlines()) == 1
 
 
-def test_bad_flags_and_config_give_one_line_exit_2(tmp_path):
+def test_bad_flags_and_config_give_one_line_exit_2(tmp_path, cli_in_process):
+    from dualnet.__main__ import main
+
     write_dataset(tmp_path / "idx", n_train=600, n_test=100)
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"arch": "late", "learning_rate": 0.1}))
@@ -63,19 +65,22 @@ def test_bad_flags_and_config_give_one_line_exit_2(tmp_path):
     twice.write_text(yaml.safe_dump({"configs": [{"arch": "late", "width": 4}, {"arch": "late", "width": 8}]}))
     binary = tmp_path / "binary.pt"
     binary.write_bytes(bytes(range(128, 256)))
-    for args, message in ((["--config", str(bad)], "learning_rate"), (["--lr", "-1"], "lr"),
-                          (["--train-subset", "999999"], "train_subset"),
-                          (["--config", str(twice)], "2 configs for the 'late' design"),
-                          (["--config", str(tmp_path / "absent.yaml")], "absent.yaml: cannot read config file"),
-                          (["--config", str(binary)], "binary.pt: not a YAML text file"),
-                          (["--seed", "3000000000000000"], "seed: must be an integer in"),
-                          (["--threads", "100000"], "threads: at most 1024"),
-                          (["--weight-decay", "nan"], "weight_decay: must be a finite number, got nan"),
-                          (["--lr", "inf"], "lr: must be a finite number, got inf"),
-                          (["--data-seed", "-1"], "data seed: must be an integer in"),
-                          (["--save", str(tmp_path)], "is a folder"),
-                          (["--device", "cudax"], "cuda[:N]"), (["--device", "cuda:7"], "CUDA device(s)")):
-        proc = _train(tmp_path, *args, "--data-dir", str(tmp_path / "idx"), "--val-size", "100")
+    data = ["--data-dir", str(tmp_path / "idx"), "--val-size", "100"]
+    cases = ((["--config", str(bad)], "learning_rate"), (["--lr", "-1"], "lr"),
+             (["--train-subset", "999999"], "train_subset"),
+             (["--config", str(twice)], "2 configs for the 'late' design"),
+             (["--config", str(tmp_path / "absent.yaml")], "absent.yaml: cannot read config file"),
+             (["--config", str(binary)], "binary.pt: not a YAML text file"),
+             (["--seed", "3000000000000000"], "seed: must be an integer in"),
+             (["--threads", "100000"], "threads: at most 1024"),
+             (["--weight-decay", "nan"], "weight_decay: must be a finite number, got nan"),
+             (["--lr", "inf"], "lr: must be a finite number, got inf"),
+             (["--data-seed", "-1"], "data seed: must be an integer in"),
+             (["--save", str(tmp_path)], "is a folder"),
+             (["--device", "cudax"], "cuda[:N]"), (["--device", "cuda:7"], "CUDA device(s)"))
+    for index, (args, message) in enumerate(cases):
+        # The first as a user meets it; the rest in this process, which skips an interpreter's start-up.
+        proc = _train(tmp_path, *args, *data) if index == 0 else cli_in_process(main, "train", *args, *data)
         assert proc.returncode == 2, (args, proc.stderr)
         assert message in proc.stderr and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
         assert "epoch" not in proc.stdout, args  # refused before any training

@@ -146,23 +146,27 @@ def test_cli_bad_file_is_one_line_and_exit_2(tmp_path):
 
 
 @pytest.mark.parametrize("content,message", [("name: [unclosed", "not valid YAML"), ("- a\n- b\n", "expected a mapping")])
-def test_cli_unparseable_files(tmp_path, content, message):
+def test_cli_unparseable_files(tmp_path, content, message, cli_in_process):
+    from tune.__main__ import main
+
     bad = tmp_path / "bad.yaml"
     bad.write_text(content)
-    proc = _cli("sweep", str(bad))
+    proc = cli_in_process(main, "sweep", str(bad))
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1
 
 
-def test_cli_missing_file_and_bad_flag(tmp_path):
-    proc = _cli("sweep", str(tmp_path / "absent.yaml"))
+def test_cli_missing_file_and_bad_flag(tmp_path, cli_in_process):
+    from tune.__main__ import main
+
+    proc = _cli("sweep", str(tmp_path / "absent.yaml"))  # the rest in this process, which skips its start-up
     assert proc.returncode == 2 and "cannot read experiment file" in proc.stderr
     latin1 = tmp_path / "latin1.yaml"
     latin1.write_bytes("# r\xe9sum\xe9\nname: x\n".encode("latin-1"))
-    proc = _cli("sweep", str(latin1))
+    proc = cli_in_process(main, "sweep", str(latin1))
     assert proc.returncode == 2 and "latin1.yaml: not a YAML text file" in proc.stderr and proc.stderr.count("\n") == 1
-    proc = _cli("sweep", str(REPO / "experiments/quick.yaml"), "--num-samples", "0")
+    proc = cli_in_process(main, "sweep", str(REPO / "experiments/quick.yaml"), "--num-samples", "0")
     assert proc.returncode == 2 and "num_samples: must be >= 1" in proc.stderr
-    proc = _cli("sweep", str(REPO / "experiments/quick.yaml"), "--name", "../../etc")
+    proc = cli_in_process(main, "sweep", str(REPO / "experiments/quick.yaml"), "--name", "../../etc")
     assert proc.returncode == 2 and "name:" in proc.stderr
 
 

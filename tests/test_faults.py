@@ -11,6 +11,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import ray
 import yaml
 
 from .conftest import REPO, write_dataset
@@ -180,25 +181,29 @@ def test_impossible_resources_fail_at_launch(tmp_path):
     assert not (tmp_path / "runs" / "greedy").exists()
 
 
-def test_missing_and_corrupt_data_and_unwritable_storage(tmp_path):
+def test_missing_and_corrupt_data_and_unwritable_storage(tmp_path, cli_in_process):
+    from tune.__main__ import main
+
     missing = tiny_experiment(tmp_path, name="nodata", data={"dir": str(tmp_path / "empty"), "download": False})
     _one_line_exit_2(run_cli(tmp_path, "sweep", str(missing)), "does not exist; point it at a folder")
+    # The rest in this process, which skips an interpreter's start-up; none of them may start Ray.
     (tmp_path / "empty").mkdir()
-    _one_line_exit_2(run_cli(tmp_path, "sweep", str(missing)), "lacks Fashion-MNIST IDX files")
+    _one_line_exit_2(cli_in_process(main, "sweep", str(missing)), "lacks Fashion-MNIST IDX files")
     write_dataset(tmp_path / "broken", n_train=100, n_test=20)
     (tmp_path / "broken" / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b garbage")
     corrupt = tiny_experiment(tmp_path, name="corrupt", data={"dir": str(tmp_path / "broken")})
-    _one_line_exit_2(run_cli(tmp_path, "sweep", str(corrupt)), "t10k-labels-idx1-ubyte.gz")
+    _one_line_exit_2(cli_in_process(main, "sweep", str(corrupt)), "t10k-labels-idx1-ubyte.gz")
     (tmp_path / "a-file").write_text("not a folder")
     unwritable = tiny_experiment(tmp_path, name="nowhere")
-    _one_line_exit_2(run_cli(tmp_path, "sweep", str(unwritable), "--storage", str(tmp_path / "a-file" / "runs")),
+    _one_line_exit_2(cli_in_process(main, "sweep", str(unwritable), "--storage", str(tmp_path / "a-file" / "runs")),
                      "not writable")
     # Each size is fine alone; together they need more than the 1500 training images tiny data has.
     too_big = tiny_experiment(tmp_path, name="toobig", data={"dir": str(tmp_path / "idx"), "download": False,
                                                             "val_size": 1000, "train_subset": 1000})
-    _one_line_exit_2(run_cli(tmp_path, "sweep", str(too_big)), "data: train_subset=1000")
+    _one_line_exit_2(cli_in_process(main, "sweep", str(too_big)), "data: train_subset=1000")
     for name in ("nodata", "corrupt", "toobig"):
         assert not (tmp_path / "runs" / name).exists(), "a rejected sweep left a run folder behind"
+    assert not ray.is_initialized()
 
 
 def test_local_ray_binds_to_loopback():

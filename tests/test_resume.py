@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import ray
 from optuna.trial import TrialState
 
 from tune.sweep import ORPHANED
@@ -68,24 +69,28 @@ def test_resume_after_driver_sigkill_keeps_finished_trials(tmp_path):
         assert lost.user_attrs.get("ray_trial_id") not in set(trials["trial_id"])
 
 
-def test_resume_refuses_another_experiments_folder(tmp_path):
+def test_resume_refuses_another_experiments_folder(tmp_path, cli_in_process):
+    from tune.__main__ import main
+
     first = tiny_experiment(tmp_path, name="shared", num_samples=1, epochs=1)
     assert run_cli(tmp_path, "sweep", str(first)).returncode == 0
     other = tiny_experiment(tmp_path, name="shared", num_samples=1, epochs=2)
-    proc = run_cli(tmp_path, "sweep", str(other), "--resume")
+    # The refusals run in this process, which skips an interpreter's start-up; none of them may start Ray.
+    proc = cli_in_process(main, "sweep", str(other), "--resume")
     assert proc.returncode == 2 and "belongs to a different experiment" in proc.stderr and "epochs" in proc.stderr
     assert proc.stderr.count("\n") == 1
     # Ray restores the concurrency limit with the searcher; a new one would be silently ignored.
     first = tiny_experiment(tmp_path, name="shared", num_samples=1, epochs=1)
-    narrower = run_cli(tmp_path, "sweep", str(first), "--resume", "--max-concurrent", "1")
+    narrower = cli_in_process(main, "sweep", str(first), "--resume", "--max-concurrent", "1")
     assert narrower.returncode == 2 and "differs in max_concurrent)" in narrower.stderr, narrower.stderr
     # Ray restores each trial's threads and device too.
-    wider = run_cli(tmp_path, "sweep", str(first), "--resume", "--cpus-per-trial", "2")
+    wider = cli_in_process(main, "sweep", str(first), "--resume", "--cpus-per-trial", "2")
     assert wider.returncode == 2 and "differs in resources)" in wider.stderr, wider.stderr
-    again = run_cli(tmp_path, "sweep", str(first))
+    again = cli_in_process(main, "sweep", str(first))
     assert again.returncode == 2 and "already holds a sweep" in again.stderr
-    nothing = run_cli(tmp_path, "sweep", str(tiny_experiment(tmp_path, name="fresh")), "--resume")
+    nothing = cli_in_process(main, "sweep", str(tiny_experiment(tmp_path, name="fresh")), "--resume")
     assert nothing.returncode == 2 and "holds no sweep" in nothing.stderr
+    assert not ray.is_initialized()
 
 
 def test_orphaned_running_study_trials_are_closed_and_labelled(tmp_path):
