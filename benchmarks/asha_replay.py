@@ -30,13 +30,12 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from common import machine, write_report
+from common import RESULTS, at_least, command_line, machine, quantile_arg, write_report
 from sample_efficiency import load_searches, random_expected_epochs, random_finals
 from tune.config import Scheduler
 
@@ -107,15 +106,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("from_dirs", type=Path, nargs="+", metavar="DIR",
                         help="work folders of sample_efficiency.py runs (each run prints its own first)")
-    parser.add_argument("--grace-period", type=int, help="the first rung (default: the harness's, the first "
+    parser.add_argument("--grace-period", type=at_least(1), help="the first rung (default: the harness's, the first "
                         "epoch after OneCycle's warm-up)")
-    parser.add_argument("--reduction-factor", type=int, default=3, help="keep 1 in this many at each rung "
+    parser.add_argument("--reduction-factor", type=at_least(2), default=3, help="keep 1 in this many at each rung "
                         "(default: 3)")
-    parser.add_argument("--draws", type=int, default=2000, help="searches replayed per rule (default: 2000)")
-    parser.add_argument("--budget", type=int, default=400, help="epochs per replayed search (default: 400)")
-    parser.add_argument("--targets", type=float, nargs="+", default=[0.9, 0.95, 0.975], metavar="QUANTILE",
+    parser.add_argument("--draws", type=at_least(1), default=2000, help="searches replayed per rule (default: 2000)")
+    parser.add_argument("--budget", type=at_least(1), default=400, help="epochs per replayed search (default: 400)")
+    parser.add_argument("--targets", type=quantile_arg, nargs="+", default=[0.9, 0.95, 0.975], metavar="QUANTILE",
                         help="targets as quantiles of the pool's final accuracies (default: 0.9 0.95 0.975)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/asha_replay.json"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "asha_replay.json",
+                        help="JSON to write (default: benchmarks/results/asha_replay.json)")
     args = parser.parse_args()
     missing = [str(d) for d in args.from_dirs if not d.is_dir()]
     if missing:
@@ -158,7 +158,7 @@ def main() -> None:
     print(f"\nA first cut to the best third after 1 epoch keeps, of the {len(top)} trials that end in the top "
           f"{100 * (1 - sorted(args.targets)[0]):g}%: " + ", ".join(f"{k} by {m}" for m, k in keeps.items()))
     write_report(args.out, {
-        "machine": machine(), "command": " ".join(["python benchmarks/asha_replay.py", *sys.argv[1:]]),
+        "machine": machine(), "command": command_line(),
         "pool_trials": len(pool), "epochs": epochs, "rungs": rungs, "reduction_factor": args.reduction_factor,
         "draws": args.draws, "budget": args.budget, "targets": targets, "random_expected_median_epochs": expected,
         "rules": results, "first_cut": {"top_trials": len(top), "kept": keeps}})

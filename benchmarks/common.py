@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -16,6 +17,36 @@ import yaml
 from dualnet.files import write_atomic
 
 REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"  # where each script writes its JSON unless told otherwise
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum``, so a bad flag is refused before any work starts."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def quantile_arg(text: str) -> float:
+    """An argparse type: a quantile strictly between 0 and 1 (a target as a share of random configs)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"a quantile must lie strictly between 0 and 1, got {value:g}")
+    return value
+
+
+def command_line() -> str:
+    """The command that made a result, as typed from the repository root; stored with the result."""
+    return " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
 
 
 def cpu_model() -> str:
@@ -56,7 +87,8 @@ def run_sweep_command(experiment: dict[str, Any], work: Path, args: tuple[str, .
         (launch time as ``time.time()``, wall seconds of the command, each trial's reported results).
 
     Raises:
-        subprocess.CalledProcessError: the sweep command failed.
+        SystemExit: the sweep failed; its own error is already on stderr, and this one line adds where its
+            run folder is.
     """
     work.mkdir(parents=True, exist_ok=True)
     experiment = {**experiment, "storage": str(work / "runs")}
@@ -71,7 +103,8 @@ def run_sweep_command(experiment: dict[str, Any], work: Path, args: tuple[str, .
         time.sleep(0.5)
     wall = time.perf_counter() - started
     if process.returncode != 0:
-        raise subprocess.CalledProcessError(process.returncode, process.args)
+        raise SystemExit(f"error: python -m tune sweep {path} failed with exit code {process.returncode}; "
+                         f"its run folder is {work / 'runs' / experiment['name']}")
     return launched_at, wall, read_trials(work / "runs" / experiment["name"])
 
 

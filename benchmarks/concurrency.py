@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine, run_sweep_command, trial_start, write_report
+from common import RESULTS, at_least, command_line, machine, run_sweep_command, trial_start, write_report
 
 TRIAL_PROCESS = "ray::ImplicitFunc"  # the name Ray gives a function trainable's worker
 
@@ -109,12 +109,13 @@ class MemorySampler:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trials", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--train-subset", type=int, default=None, help="training images (default all 50k)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/concurrency.json"))
+    parser.add_argument("--trials", type=at_least(1), default=4, help="trials per setup (default: 4)")
+    parser.add_argument("--epochs", type=at_least(1), default=1, help="epochs per trial (default: 1)")
+    parser.add_argument("--train-subset", type=at_least(1), default=None, help="training images (default all 50k)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "concurrency.json",
+                        help="JSON to write (default: benchmarks/results/concurrency.json)")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="concurrency-"))
+    work = Path(tempfile.mkdtemp(prefix="concurrency-"))  # removed at the end; a failed sweep's error names it
     dataset_mib = ((args.train_subset or 50000) + 10000) * 28 * 28 / 2 ** 20  # uint8 training + validation images
     rows = []
     for label, concurrent, cpus, nodes in SETUPS:
@@ -153,6 +154,7 @@ def main() -> None:
             "object_store_shm_mib": sampler.peak_shm_used / 2 ** 20,
         })
         print(f"{label}: {len(trials)} trials in {wall:.0f} s", flush=True)
+    shutil.rmtree(work)
     single = next(r for r in rows if r["concurrent"] == 1 and r["cores_used"] == 1)
     for row in rows:
         for key in ("trials_per_hour", "trials_per_hour_running"):
@@ -166,8 +168,9 @@ def main() -> None:
               f"{r['efficiency_running']:>8.2f}{r['trial_peak_rss_mib']:>8.0f} MiB{r['trial_peak_pss_mib']:>8.0f} MiB"
               f"{r['trial_shared_dataset_mib']:>10.0f} MiB{r['node_peak_pss_mib']:>7.0f} MiB"
               f"{r['object_store_shm_mib']:>7.0f} MiB")
-    write_report(args.out, {"machine": machine(), "command": "python benchmarks/concurrency.py",
-                            "trials": args.trials, "epochs": args.epochs, "dataset_mib": dataset_mib,
+    write_report(args.out, {"machine": machine(), "command": command_line(),
+                            "trials": args.trials, "epochs": args.epochs, "train_subset": args.train_subset,
+                            "dataset_mib": dataset_mib,
                             "setups": rows})
 
 

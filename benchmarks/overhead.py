@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from common import machine, run_sweep_command, trial_start, write_report
+from common import RESULTS, at_least, command_line, machine, run_sweep_command, trial_start, write_report
 
 
 def optuna_process(journal: str, n_trials: int, recipe: dict, data_kwargs: dict, threads: int) -> None:
@@ -45,16 +46,18 @@ def optuna_process(journal: str, n_trials: int, recipe: dict, data_kwargs: dict,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trials", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--slots", type=int, default=2)
-    parser.add_argument("--train-subset", type=int, default=None,
+    parser.add_argument("--trials", type=at_least(1), default=32, help="K, trials run each way (default: 32)")
+    parser.add_argument("--epochs", type=at_least(1), default=2, help="E, epochs per trial (default: 2)")
+    parser.add_argument("--slots", type=at_least(1), default=2,
+                        help="trials at a time, one CPU each (default: 2)")
+    parser.add_argument("--train-subset", type=at_least(1), default=None,
                         help="training images per epoch (default all 50k: ~25 s epochs on one core here)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/overhead.json"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "overhead.json",
+                        help="JSON to write (default: benchmarks/results/overhead.json)")
     args = parser.parse_args()
     recipe = {"width": 16, "hidden": 256, "epochs": args.epochs, "batch_size": 128, "lr": 5e-3}
     data_kwargs = {"val_size": 10000, "train_subset": args.train_subset}
-    work = Path(tempfile.mkdtemp(prefix="overhead-"))
+    work = Path(tempfile.mkdtemp(prefix="overhead-"))  # removed at the end; a failed sweep's error names it
 
     # (a) through the harness
     experiment = {"name": "overhead", "num_samples": args.trials, "max_concurrent": args.slots, "epochs": args.epochs,
@@ -86,10 +89,14 @@ def main() -> None:
     for p in processes:
         p.join()
     plain_wall = time.time() - started
+    failed = [p.exitcode for p in processes if p.exitcode != 0]
+    if failed:
+        raise SystemExit(f"error: the plain Optuna processes exited with {failed} (their errors are above); "
+                         f"(b) is not measured. Work folder: {work}")
+    shutil.rmtree(work)
 
-    report = {"machine": machine(), "command": "python benchmarks/overhead.py " + " ".join(
-                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None),
-              "trials": args.trials, "epochs": args.epochs, "slots": args.slots,
+    report = {"machine": machine(), "command": command_line(),
+              "trials": args.trials, "epochs": args.epochs, "slots": args.slots, "train_subset": args.train_subset,
               "mean_trial_train_s": sum(train_s) / len(train_s), "min_trial_train_s": min(train_s),
               "harness_wall_s": harness_wall, "plain_optuna_wall_s": plain_wall, "ideal_wall_s": ideal,
               "harness_over_plain": harness_wall / plain_wall, "harness_over_ideal": harness_wall / ideal,

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from scipy import stats
 
 import yaml
 
-from common import machine, read_trials, run_sweep_command, write_report
+from common import RESULTS, at_least, command_line, machine, quantile_arg, read_trials, run_sweep_command, write_report
 from tune.config import RUNG_METRICS, Scheduler, Searcher
 
 SPACE = {
@@ -156,29 +155,42 @@ def load_searches(works: list[Path]) -> tuple[dict[str, dict], dict[str, list[li
         (each search's settings, its trials per seed, the epochs of one trial).
 
     Raises:
-        ValueError: a folder holds no runs of this benchmark, or the runs' settings differ.
+        ValueError: a folder holds no runs of this benchmark, a run is unreadable or has no trials (an
+            interrupted run: rerun its seed, or leave its files out), or the runs' settings differ.
     """
     by_folder = {folder: name for name, folder in FOLDERS.items()}
     searches: dict[str, dict] = {}
     runs: dict[str, list[list[list[dict]]]] = {}
     epochs: set[int] = set()
     for work in works:
-        files = sorted(work.glob("*-seed*.yaml"), key=lambda f: int(f.stem.rsplit("-seed", 1)[1]))
+        files = sorted((f for f in work.glob("*-seed*.yaml") if f.stem.rsplit("-seed", 1)[1].isdigit()),
+                       key=lambda f: int(f.stem.rsplit("-seed", 1)[1]))
         if not any(file.stem.startswith("random-seed") for file in files):
-            raise ValueError(f"--from {work}: no random-seedN.yaml of this benchmark there")
+            raise ValueError(f"{work}: no random-seedN.yaml of this benchmark there")
         for file in files:
-            experiment = yaml.safe_load(file.read_text())
             name = by_folder.get(file.stem.rsplit("-seed", 1)[0])
             if name is None:
                 continue
-            search = {key: experiment[key] for key in ("num_samples", "searcher", "scheduler")}
+            try:
+                experiment = yaml.safe_load(file.read_text())
+                search = {key: experiment[key] for key in ("num_samples", "searcher", "scheduler")}
+                epochs.add(experiment["epochs"])
+                run = work / "runs" / experiment["name"]
+            except KeyError as exc:
+                raise ValueError(f"{file}: lacks the key {exc}; not an experiment file this benchmark wrote") from None
+            except (OSError, yaml.YAMLError, TypeError) as exc:
+                reason = getattr(exc, "problem", None) or exc  # a YAML error's one-line gist
+                raise ValueError(f"{file}: not an experiment file this benchmark wrote ({reason})") from None
+            trials = read_trials(run)
+            if not trials:
+                raise ValueError(f"{run}: no trial results; the run was interrupted or failed (rerun that seed, "
+                                 f"or move {file.name} out of the folder)")
             if searches.setdefault(name, search) != search:
-                raise ValueError(f"--from: {file} ran {name} as {search}, another run as {searches[name]}; "
+                raise ValueError(f"{file} ran {name} as {search}, another run as {searches[name]}; "
                                  "only runs of the same searches pool")
-            epochs.add(experiment["epochs"])
-            runs.setdefault(name, []).append(read_trials(work / "runs" / experiment["name"]))
+            runs.setdefault(name, []).append(trials)
     if len(epochs) != 1:
-        raise ValueError(f"--from: the runs trained trials for different epochs ({sorted(epochs)}); they do not pool")
+        raise ValueError(f"the runs trained trials for different epochs ({sorted(epochs)}); they do not pool")
     order = [name for name in FOLDERS if name in searches]
     return {name: searches[name] for name in order}, {name: runs[name] for name in order}, epochs.pop()
 
@@ -250,20 +262,23 @@ def print_tables(targets: list[dict[str, Any]], results: dict[str, dict], finals
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=5, help="how many searcher seeds (default: 5)")
-    parser.add_argument("--first-seed", type=int, default=0, help="seeds run from this one up (default: 0); "
+    parser.add_argument("--seeds", type=at_least(1), default=5, help="how many searcher seeds (default: 5)")
+    parser.add_argument("--first-seed", type=at_least(0), default=0, help="seeds run from this one up (default: 0); "
                         "runs of other seeds can then be pooled with --from")
-    parser.add_argument("--epochs", type=int, default=8, help="full budget of one trial")
-    parser.add_argument("--budget", type=int, default=128, help="epochs per search (all trials together)")
-    parser.add_argument("--train-subset", type=int, default=6000)
-    parser.add_argument("--val-size", type=int, default=2000)
-    parser.add_argument("--tpe-trials", type=int, help="trials an ASHA search may start (default: "
+    parser.add_argument("--epochs", type=at_least(1), default=8, help="full budget of one trial (default: 8)")
+    parser.add_argument("--budget", type=at_least(1), default=128,
+                        help="epochs per search, all trials together; at least --epochs (default: 128)")
+    parser.add_argument("--train-subset", type=at_least(1), default=6000,
+                        help="training images each trial trains on (default: 6000)")
+    parser.add_argument("--val-size", type=at_least(1), default=2000,
+                        help="validation images, held out of the 60k (default: 2000)")
+    parser.add_argument("--tpe-trials", type=at_least(1), help="trials an ASHA search may start (default: "
                         "as many as the budget has epochs; the epoch budget ends it first)")
-    parser.add_argument("--n-startup-trials", type=int, default=Searcher.n_startup_trials,
+    parser.add_argument("--n-startup-trials", type=at_least(0), default=Searcher.n_startup_trials,
                         help=f"TPE's random start-up trials (default: the harness's, {Searcher.n_startup_trials})")
-    parser.add_argument("--grace-period", type=int, default=Scheduler.grace_period, help="ASHA's first rung (default: "
+    parser.add_argument("--grace-period", type=at_least(1), default=Scheduler.grace_period, help="ASHA's first rung (default: "
                         "the harness's: the first epoch after OneCycle's warm-up, 3 of 8)")
-    parser.add_argument("--reduction-factor", type=int, default=Scheduler.reduction_factor,
+    parser.add_argument("--reduction-factor", type=at_least(2), default=Scheduler.reduction_factor,
                         help=f"ASHA keeps 1 in this many at each rung (default: the harness's, "
                         f"{Scheduler.reduction_factor})")
     parser.add_argument("--rung-metric", default=Scheduler.metric, choices=RUNG_METRICS,
@@ -271,28 +286,34 @@ def main() -> None:
                         "'val_joint_acc' was the default before)")
     parser.add_argument("--no-random-asha", action="store_true",
                         help="skip the third search, random sampling with the same ASHA (saves about a third)")
-    parser.add_argument("--targets", type=float, nargs="+", default=[0.9, 0.95, 0.975], metavar="QUANTILE",
+    parser.add_argument("--targets", type=quantile_arg, nargs="+", default=[0.9, 0.95, 0.975], metavar="QUANTILE",
                         help="targets, as quantiles of the random trials' final accuracies (default: 0.9 0.95 0.975, "
                         "a top-10%%, top-5%% and top-2.5%% config)")
     parser.add_argument("--from", dest="from_dirs", type=Path, nargs="+", metavar="DIR",
                         help="run nothing: re-analyse the work folders of earlier runs (each run prints its own "
                         "first), pooling their seeds; the search flags, --epochs and --budget are then read "
                         "from their files")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sample_efficiency.json"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "sample_efficiency.json",
+                        help="JSON to write, and the plot beside it as .png (default: "
+                        "benchmarks/results/sample_efficiency.json)")
     args = parser.parse_args()
-    if not all(0 < q < 1 for q in args.targets):
-        parser.error(f"--targets: quantiles must lie strictly between 0 and 1, got {args.targets}")
+    if args.budget < args.epochs:
+        parser.error(f"--budget {args.budget} is less than one trial's --epochs {args.epochs}")
     if args.from_dirs:
         missing = [str(d) for d in args.from_dirs if not d.is_dir()]
         if missing:
             parser.error(f"--from: {', '.join(missing)} is not a folder")
         try:
-            searches, runs, args.epochs = load_searches(args.from_dirs)
+            searches, runs, epochs = load_searches(args.from_dirs)
         except ValueError as exc:
-            parser.error(str(exc))
-        # The budget those runs had: random search trains all its trials to the full epochs.
-        args.budget = searches["random"]["num_samples"] * args.epochs
+            parser.error(f"--from: {exc}")
+        # What those runs had, in place of the flags: random search trains all its trials to the full epochs.
+        settings = {"seeds": len(runs["random"]), "epochs": epochs,
+                    "budget": searches["random"]["num_samples"] * epochs, "targets": args.targets,
+                    "from_dirs": [str(d) for d in args.from_dirs]}
+        args.epochs, args.budget = settings["epochs"], settings["budget"]
     else:
+        settings = vars(args) | {"out": str(args.out)}
         work = Path(tempfile.mkdtemp(prefix="sample-efficiency-"))
         print(f"work folder: {work} (re-analyse it with --from)", flush=True)
         common: dict[str, Any] = {"max_concurrent": 2, "epochs": args.epochs, "resources": {"cpu": 1},
@@ -324,9 +345,7 @@ def main() -> None:
         at_budget = [max((b for s, b in curve if s <= args.budget), default=0.0) for curve in per_seed]
         results[name] = {"trials": [len(trials) for trials in runs[name]], "best_at_budget": at_budget,
                          "mean_best_at_budget": statistics.mean(at_budget)}
-    report = {"machine": machine(), "command": " ".join(["python benchmarks/sample_efficiency.py", *sys.argv[1:]]),
-              "settings": vars(args) | {"out": str(args.out), "from_dirs": [str(d) for d in args.from_dirs or []]},
-              "space": SPACE, "searches": searches, "targets": targets, "results": results}
+    report = {"machine": machine(), "command": command_line(), "settings": settings, "space": SPACE, "searches": searches, "targets": targets, "results": results}
     print_tables(targets, results, finals, args.budget)
     if "tpe+asha" in searches:
         print(f"TPE + ASHA: {searches['tpe+asha']['searcher']}, {searches['tpe+asha']['scheduler']}")
@@ -336,8 +355,8 @@ def main() -> None:
             verdict = "meets" if vs_expected <= 1 / 3 else "does not meet"
             print(f"target {100 * row['val_joint_acc']:.2f}%: TPE + ASHA needs {vs_expected:.2f}x the epochs random "
                   f"search needs in expectation; {verdict} the 1/3 floor")
-    plot(curves, [row["val_joint_acc"] for row in targets], args.budget, args.out.with_suffix(".png"))
     write_report(args.out, report)
+    plot(curves, [row["val_joint_acc"] for row in targets], args.budget, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

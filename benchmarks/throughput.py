@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -37,8 +36,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import machine, write_report
-from dualnet import build_model, evaluate_split, fit, load_data
+from common import RESULTS, at_least, command_line, machine, write_report
+from dualnet import DataError, build_model, evaluate_split, fit, load_data
 from dualnet.train import TrainConfig, pick_device, pick_precision
 
 
@@ -196,26 +195,30 @@ def profile_steps(config: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="late", choices=["late", "pixel"])
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--arch", default="late", choices=["late", "pixel"], help="the design timed (default: late)")
+    parser.add_argument("--width", type=at_least(1), default=16, help="channels of the first convolution (default: 16)")
+    parser.add_argument("--threads", type=at_least(1), default=torch.get_num_threads(),
+                        help=f"torch threads for every pipeline (default: torch's, {torch.get_num_threads()} here)")
     parser.add_argument("--accuracy", action="store_true", help="train fp32 and the default for --epochs and compare")
-    parser.add_argument("--epochs", type=int, default=10, help="epochs of each --accuracy run")
-    parser.add_argument("--rounds", type=int, default=3, help="timed epochs per pipeline, taken in turns")
+    parser.add_argument("--epochs", type=at_least(1), default=10, help="epochs of each --accuracy run (default: 10)")
+    parser.add_argument("--rounds", type=at_least(1), default=3,
+                        help="timed epochs per pipeline, taken in turns (default: 3)")
     parser.add_argument("--profile", action="store_true", help="only profile the default's training steps by op, "
                         "and exit")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "throughput.json",
+                        help="JSON to write (default: benchmarks/results/throughput.json)")
     args = parser.parse_args()
-    if args.rounds < 1 or args.epochs < 1 or args.threads < 1:
-        parser.error("--rounds, --epochs and --threads must be at least 1")
     torch.set_num_threads(args.threads)
+    try:
+        data = load_data()
+    except DataError as exc:
+        parser.exit(2, f"error: {exc}\n")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = dict(arch=args.arch, width=args.width, threads=args.threads, epochs=1, device=device)
     if args.profile:
         profile_steps(base)
         return
 
-    data = load_data()
     variants = {"fp32": dict(precision="fp32", channels_last=False), "fp32+cl": dict(precision="fp32",
                                                                                     channels_last=True)}
     default = f"{pick_precision('auto', pick_device(device))}+cl"  # what fit's precision: auto trains in here
@@ -272,7 +275,7 @@ def main() -> None:
             test = evaluate_split(result.model, data.test)
             results[name].update(val_joint_acc=result.history[-1]["val_joint_acc"], test_joint_acc=test["joint_acc"])
 
-    report = {"command": " ".join(["python benchmarks/throughput.py", *sys.argv[1:]]),
+    report = {"command": command_line(),
               "machine": f"{machine()}, {torch.get_num_threads()} threads, {device}",
               "torch": torch.__version__, "arch": args.arch, "width": args.width, "default": default,
               "training_mflop_per_image": flops / 1e6, "matmul_peak_gflops": peaks, "results": results,

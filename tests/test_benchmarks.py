@@ -8,6 +8,7 @@ from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -136,3 +137,27 @@ def test_layer_floor_times_every_convolution_and_batch_norm_of_the_model():
         times = throughput.layer_floor_ms(config, "cpu", precision="fp32", reps=2)
         assert list(times) == layers
         assert all(ms > 0 for ms in times.values())
+
+
+def test_bad_flags_are_refused_with_exit_2_before_any_work(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "benchmarks"
+    for args, message in ((["asha_replay.py", str(tmp_path), "--reduction-factor", "1"], "must be at least 2, got 1"),
+                          (["sample_efficiency.py", "--budget", "4"], "--budget 4 is less than one trial's --epochs 8"),
+                          (["sample_efficiency.py", "--targets", "1.5"], "strictly between 0 and 1, got 1.5"),
+                          (["overhead.py", "--trials", "0"], "--trials: must be at least 1, got 0")):
+        proc = subprocess.run([sys.executable, str(script / args[0]), *args[1:]], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr.splitlines()[-1], (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == [], "a refused benchmark wrote something"
+
+
+def test_re_analysis_names_an_interrupted_run_instead_of_failing_on_it(tmp_path):
+    (tmp_path / "random-seed0.yaml").write_text("name: random-seed0\nnum_samples: 2\nepochs: 2\n"
+                                                "searcher: {type: random}\nscheduler: {type: none}\n")
+    (tmp_path / "runs" / "random-seed0" / "trial_0").mkdir(parents=True)  # the sweep died before any report
+    with pytest.raises(ValueError, match="random-seed0: no trial results; the run was interrupted"):
+        sample_efficiency.load_searches([tmp_path])
+    (tmp_path / "random-seed0.yaml").write_text("name: random-seed0\n")
+    with pytest.raises(ValueError, match="lacks the key 'num_samples'"):
+        sample_efficiency.load_searches([tmp_path])

@@ -30,6 +30,8 @@ def test_cluster_examples_parse_and_name_the_entrypoint():
     assert workers and workers[0]["node_config"]["InstanceType"].startswith("g")  # GPU workers
     assert any("pip install -e ." in c for c in launcher["setup_commands"])
     assert any("--dashboard-host=127.0.0.1" in c for c in launcher["head_start_ray_commands"])
+    head = launcher["available_node_types"][launcher["head_node_type"]]  # runs the driver, and no trials
+    assert head["resources"] == {"CPU": 0} and any("--num-cpus=0" in c for c in launcher["head_start_ray_commands"])
 
     job = yaml.safe_load((REPO / "experiments/cluster/rayjob.yaml").read_text())
     assert job["apiVersion"].startswith("ray.io/") and job["kind"] == "RayJob"
