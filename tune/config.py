@@ -76,7 +76,7 @@ class Scheduler:
     # What ASHA ranks trials by at each rung; null: the experiment's metric. The training loss, because
     # the joint accuracy sits near chance for the first epochs while the sum head starts to learn: on
     # benchmarks/sample_efficiency.py, seeds 0-9, TPE + ASHA reached a top-2.5% config in a median 72
-    # epochs ranking by it, against 123.5 ranking by val_joint_acc (one run of each, README).
+    # epochs ranking by it, against 123.5 ranking by val_joint_acc (one run of each, benchmarks/README.md).
     metric: str | None = "train_loss"
 
     def first_rung(self, epochs: int) -> int:
@@ -86,7 +86,7 @@ class Scheduler:
         Before that epoch a OneCycle trial is still at a fraction of its learning rate, so a rung there
         stops it for a slow start that a constant-rate trial never has. With rungs at epoch 1, TPE then
         learned that OneCycle was bad and stalled on 5 of 10 seeds of benchmarks/sample_efficiency.py;
-        with this rule (3 of 8 epochs) on 1 and 2 of 10 in two runs (README, Sample efficiency).
+        with this rule (3 of 8 epochs) on 1 and 2 of 10 in two runs (benchmarks/README.md; README).
         """
         if self.grace_period is not None:
             return self.grace_period
