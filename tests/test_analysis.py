@@ -261,3 +261,13 @@ def test_ctrl_c_during_confirm_does_not_point_to_a_resume_it_lacks(tmp_path):
     _, stderr = confirm.communicate(timeout=60)
     assert confirm.returncode == 130 and stderr.strip() == "interrupted", stderr[-2000:]
     assert not (tmp_path / "out" / "confirm.json").exists()
+
+
+def test_a_damaged_saved_experiment_is_named_not_a_traceback(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for content, message in ((b"\xff\xfe binary", "not a YAML text file"), (b"name: [", "not valid YAML"),
+                             (b"name: x\n", "space")):
+        (run / "experiment.yaml").write_bytes(content)
+        with pytest.raises(analysis.AnalysisError, match=f"unreadable run: {run / 'experiment.yaml'}: .*{message}"):
+            analysis.load(run)

@@ -18,11 +18,8 @@ from typing import Iterable
 
 import optuna
 import pandas as pd
-import yaml
 
-from dualnet.files import load_yaml
-
-from .config import METRICS, ConfigError, Experiment, from_dict, metric_mode
+from .config import METRICS, ConfigError, Experiment, load_experiment, metric_mode
 from .sweep import (EXPERIMENT_FILE, MACHINE_KEYS, STUDY_FILE, is_uri, quiet_optuna, rank_trials, study_storage,
                     trial_status)
 
@@ -38,9 +35,9 @@ def _read_experiment(run_dir: Path) -> Experiment:
         raise AnalysisError(f"{run_dir} is not a sweep run folder ({EXPERIMENT_FILE} missing); "
                             f"give the folder that 'python -m tune sweep' printed")
     try:
-        return from_dict(load_yaml(path.read_text()))
-    except (ConfigError, yaml.YAMLError) as exc:
-        raise AnalysisError(f"{path} is unreadable: {exc}") from None
+        return load_experiment(path)
+    except ConfigError as exc:
+        raise AnalysisError(f"unreadable run: {exc}") from None
 
 
 def _study_states(run_dir: Path, name: str) -> dict[str, optuna.trial.FrozenTrial]:

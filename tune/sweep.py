@@ -25,9 +25,9 @@ import pandas as pd
 import yaml
 
 from dualnet import load_data
-from dualnet.files import atomic_path, load_yaml, write_atomic
+from dualnet.files import atomic_path, write_atomic
 
-from .config import ConfigError, Experiment, from_dict
+from .config import ConfigError, Experiment, load_experiment
 
 EXPERIMENT_FILE = "experiment.yaml"
 STUDY_FILE = "optuna.journal"
@@ -102,9 +102,9 @@ def _prepare_run_dir(experiment: Experiment, run_dir: Path, resume: bool) -> Non
             raise SweepError(f"--resume: {run_dir} holds no sweep ({EXPERIMENT_FILE} missing); "
                              f"run without --resume to start one")
         try:
-            previous = from_dict(load_yaml(saved.read_text()))
-        except (ConfigError, yaml.YAMLError) as exc:
-            raise SweepError(f"--resume: {saved} is unreadable ({exc})") from None
+            previous = load_experiment(saved)
+        except ConfigError as exc:
+            raise SweepError(f"--resume: the saved experiment is unreadable: {exc}") from None
         if _identity(previous) != _identity(experiment):
             changed = [k for k in _identity(experiment) if _identity(previous)[k] != _identity(experiment)[k]]
             raise SweepError(f"--resume: {run_dir} belongs to a different experiment (differs in "
