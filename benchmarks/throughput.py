@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import RESULTS, at_least, command_line, machine, write_report
 from dualnet import DataError, build_model, evaluate_split, fit, load_data
-from dualnet.train import TrainConfig, pick_device, pick_precision
+from dualnet.train import TrainConfig, pick_device, pick_precision, precision_autocast
 
 
 def matmul_peak_gflops(dtype: torch.dtype, device: str, seconds: float = 3.0) -> float:
@@ -135,8 +135,7 @@ def layer_floor_ms(config: TrainConfig, device: str, precision: str, reps: int =
              for layer in layers]
     images = torch.randint(0, 256, (config.batch_size, 28, 28), dtype=torch.uint8, device=device)
     numbers = torch.randint(0, 10, (config.batch_size,), device=device)
-    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    with autocast:
+    with precision_autocast(precision, torch.device(device)):
         model(images, numbers)
     for hook in hooks:
         hook.remove()
@@ -154,7 +153,7 @@ def layer_floor_ms(config: TrainConfig, device: str, precision: str, reps: int =
         per_rep = []
         for rep in range(reps + 3):  # the first 3 pick kernels and warm caches
             started = time.perf_counter()
-            with autocast:
+            with precision_autocast(precision, torch.device(device)):
                 out = layer(x)
             out.backward(torch.ones_like(out))
             sync()

@@ -31,6 +31,13 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_SettingsLoader)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when the message is empty: what a
+    one-line error can quote of a library's multi-line one."""
+    message = str(exc).strip()
+    return message.splitlines()[0] if message else type(exc).__name__
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block ends normally, rename it over ``path``.

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .files import atomic_path
+from .files import atomic_path, first_line
 from .data import IMAGE_SIZE, NUM_CLASSES, NUM_NUMBERS, NUM_SUMS, is_integer, is_real
 
 # Fashion-MNIST training-set pixel statistics on the [0, 1] scale.
@@ -228,6 +228,5 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> D
         model = build_model(payload["arch"], **payload["hparams"])
         model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: torch's shape mismatch
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path} is a damaged dualnet model file ({type(exc).__name__}: {reason})") from None
+        raise ValueError(f"{path} is a damaged dualnet model file ({type(exc).__name__}: {first_line(exc)})") from None
     return model.to(device).eval()

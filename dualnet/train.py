@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import DualData, Split, check_seed, is_real
-from .files import load_yaml
+from .files import first_line, load_yaml
 from .metrics import evaluate
 from .models import ARCHS, DualNet, build_model
 
@@ -158,7 +158,7 @@ def load_config_file(path: str | os.PathLike) -> list[dict[str, Any]]:
     try:
         loaded = load_yaml(text)
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ValueError(f"{path}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a mapping of training settings, got {type(loaded).__name__}")
     loaded = {k: v for k, v in loaded.items() if k != "meta"}
@@ -267,7 +267,8 @@ def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_step
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
-def _autocast(precision: str, device: torch.device):
+def precision_autocast(precision: str, device: torch.device) -> torch.autocast:
+    """The autocast context ``fit`` trains and validates under: bf16 for ``precision`` "bf16", else off."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
@@ -335,7 +336,7 @@ def fit(config: TrainConfig | dict[str, Any], data: DualData,
             idx = order[start:start + config.batch_size]
             batch_numbers = numbers[idx]
             batch_labels = train.labels[idx]
-            with _autocast(precision, device):
+            with precision_autocast(precision, device):
                 class_logits, sum_logits = model(train.images[idx], batch_numbers)
                 loss = F.cross_entropy(class_logits, batch_labels) + \
                     F.cross_entropy(sum_logits, batch_labels + batch_numbers)
@@ -357,7 +358,7 @@ def fit(config: TrainConfig | dict[str, Any], data: DualData,
             scores = {"loss": float("inf"), "class_acc": 0.0, "sum_acc": 0.0, "joint_acc": 0.0,
                       "class_correct": 0, "sum_correct": 0, "joint_correct": 0, "n": len(val)}
         else:
-            with _autocast(precision, device):
+            with precision_autocast(precision, device):
                 scores = evaluate(model, val)
         metrics = {"epoch": epoch + 1, "train_loss": train_loss,
                    **{f"val_{k}": v for k, v in scores.items()},

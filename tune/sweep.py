@@ -25,7 +25,7 @@ import pandas as pd
 import yaml
 
 from dualnet import load_data
-from dualnet.files import atomic_path, write_atomic
+from dualnet.files import atomic_path, first_line, write_atomic
 
 from .config import ConfigError, Experiment, load_experiment
 
@@ -414,8 +414,7 @@ def start_ray(address: str | None) -> None:
         try:
             ray.init(address=address, logging_level="WARNING")
         except (ConnectionError, ValueError, RuntimeError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"Ray address {address!r} (--address or $RAY_ADDRESS): {reason}") from None
+            raise ConfigError(f"Ray address {address!r} (--address or $RAY_ADDRESS): {first_line(exc)}") from None
         return
     if LOCAL_ONLY_ENV not in os.environ:
         from ray._private import ray_constants
