@@ -17,14 +17,9 @@ from dualnet.train import TrainConfig, fit, load_config_file
 from tune import analysis
 
 from .conftest import REPO
-from .sweeps import read_trials_csv, sweep_env
+from .sweeps import read_trials_csv, run_cli, sweep_env
 
 pytestmark = pytest.mark.slow
-
-
-def _cli(folder, *args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "tune", *args], cwd=REPO, env=sweep_env(folder),
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_trials_and_history_frames(sweep):
@@ -110,7 +105,7 @@ def test_importances_sum_to_one(sweep):
 
 def test_analyze_cli_writes_tables_plots_and_report(sweep, tmp_path):
     out = tmp_path / "analysis"
-    proc = _cli(tmp_path, "analyze", str(sweep[0]), "--by", "arch", "--out", str(out))
+    proc = run_cli(tmp_path, "analyze", str(sweep[0]), "--by", "arch", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Leaderboard" in proc.stdout and "Best config per arch" in proc.stdout
     for name in ("trials.csv", "trials.parquet", "history.csv", "history.parquet", "importances.csv"):
@@ -126,14 +121,14 @@ def test_analyze_cli_writes_tables_plots_and_report(sweep, tmp_path):
     page = (out / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == len(pngs)
     assert "<table" in page and "Leaderboard" in page
-    typo = _cli(tmp_path, "analyze", str(sweep[0]), "--by", "archh", "--out", str(tmp_path / "typo"))
+    typo = run_cli(tmp_path, "analyze", str(sweep[0]), "--by", "archh", "--out", str(tmp_path / "typo"))
     assert typo.returncode == 2 and "--by archh: no such column" in typo.stderr and typo.stderr.count("\n") == 1
     assert not (tmp_path / "typo").exists()
 
 
 def test_export_round_trips_to_the_same_validation_metric(sweep, tmp_path):
     run_dir, _ = sweep
-    proc = _cli(tmp_path, "best", str(run_dir), "-o", str(tmp_path / "best.yaml"))
+    proc = run_cli(tmp_path, "best", str(run_dir), "-o", str(tmp_path / "best.yaml"))
     assert proc.returncode == 0, proc.stderr
     (config,) = load_config_file(tmp_path / "best.yaml")
     experiment = yaml.safe_load((run_dir / "experiment.yaml").read_text())
@@ -143,11 +138,11 @@ def test_export_round_trips_to_the_same_validation_metric(sweep, tmp_path):
     best = analysis.load(run_dir).best().iloc[0]
     assert retrained.history[-1]["val_joint_acc"] == best["last_val_joint_acc"]
 
-    per_arch = _cli(tmp_path, "best", str(run_dir), "--by", "arch", "-o", str(tmp_path / "both.yaml"))
+    per_arch = run_cli(tmp_path, "best", str(run_dir), "--by", "arch", "-o", str(tmp_path / "both.yaml"))
     assert per_arch.returncode == 0
     assert {c["arch"] for c in load_config_file(tmp_path / "both.yaml")} <= {"late", "pixel"}
     # One config per trial would put several configs of one design in a file, which training reads by design.
-    per_trial = _cli(tmp_path, "best", str(run_dir), "--by", "trial_id", "-o", str(tmp_path / "each.yaml"))
+    per_trial = run_cli(tmp_path, "best", str(run_dir), "--by", "trial_id", "-o", str(tmp_path / "each.yaml"))
     assert per_trial.returncode == 2 and "several configs for the" in per_trial.stderr
     assert len(per_trial.stderr.strip().splitlines()) == 1 and not (tmp_path / "each.yaml").exists()
 
@@ -158,7 +153,7 @@ def test_confirm_trains_seeds_and_reports_intervals(sweep, tmp_path):
     both.write_text(yaml.safe_dump({"configs": [{"arch": "late", "width": 4, "hidden": 32, "epochs": 1},
                                                 {"arch": "pixel", "width": 4, "hidden": 32, "epochs": 1}]}))
     data_dir = yaml.safe_load((run_dir / "experiment.yaml").read_text())["data"]["dir"]
-    proc = _cli(tmp_path, "confirm", str(both), "--seeds", "2", "--out", str(tmp_path / "confirm"),
+    proc = run_cli(tmp_path, "confirm", str(both), "--seeds", "2", "--out", str(tmp_path / "confirm"),
                 "--data-dir", data_dir, "--no-download")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "confirm" / "confirm.json").read_text())
@@ -175,7 +170,7 @@ def test_confirm_trains_seeds_and_reports_intervals(sweep, tmp_path):
     # A rerun into the same folder with one design and one seed leaves only its own model there.
     late = tmp_path / "late.yaml"
     late.write_text(yaml.safe_dump({"arch": "late", "width": 4, "hidden": 32, "epochs": 1}))
-    rerun = _cli(tmp_path, "confirm", str(late), "--seeds", "1", "--out", str(tmp_path / "confirm"),
+    rerun = run_cli(tmp_path, "confirm", str(late), "--seeds", "1", "--out", str(tmp_path / "confirm"),
                  "--data-dir", data_dir, "--no-download", "--no-ray")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "removed 3 model(s) an earlier confirmation left in" in rerun.stdout
@@ -186,7 +181,7 @@ def test_confirm_trains_seeds_and_reports_intervals(sweep, tmp_path):
     assert "NaN" not in (tmp_path / "confirm" / "confirm.json").read_text()
     assert sorted(p.name for p in (tmp_path / "confirm" / "models").iterdir()) == ["late-seed0.pt"]
     # A task bigger than the cluster would wait forever in Ray's queue.
-    greedy = _cli(tmp_path, "confirm", str(both), "--seeds", "1", "--out", str(tmp_path / "greedy"),
+    greedy = run_cli(tmp_path, "confirm", str(both), "--seeds", "1", "--out", str(tmp_path / "greedy"),
                   "--data-dir", data_dir, "--no-download", "--cpus-per-task", "64")
     assert greedy.returncode == 2 and "--cpus-per-task: each run asks for 64 CPUs but the Ray cluster has" in greedy.stderr
     assert greedy.stderr.count("\n") == 1 and not (tmp_path / "greedy" / "confirm.json").exists()
@@ -195,7 +190,7 @@ def test_confirm_trains_seeds_and_reports_intervals(sweep, tmp_path):
 def test_clear_errors_for_non_runs_and_empty_runs(tmp_path, cli_in_process):
     from tune.__main__ import main
 
-    proc = _cli(tmp_path, "analyze", str(tmp_path))  # the rest in this process, which skips its start-up
+    proc = run_cli(tmp_path, "analyze", str(tmp_path))  # the rest in this process, which skips its start-up
     assert proc.returncode == 2 and "is not a sweep run folder" in proc.stderr and proc.stderr.count("\n") == 1
     empty = tmp_path / "empty"
     empty.mkdir()
